@@ -67,6 +67,12 @@ def _read_weights(model_dir: Path, manifest: list[dict[str, Any]]) -> dict[str, 
         for spec in group["weights"]:
             shape = [int(d) for d in spec["shape"]]
             count = int(np.prod(shape)) if shape else 1
+            stored_dtype = (spec.get("quantization") or spec)["dtype"]
+            needed = offset + count * np.dtype(_QUANTIZED_DTYPES.get(stored_dtype) or _DTYPES.get(stored_dtype, np.float32)).itemsize
+            if needed > len(buffer):
+                raise ModelFormatError(
+                    f"weight {spec['name']!r} ends at byte {needed} but the shards of its group hold {len(buffer)} bytes"
+                )
             quantization = spec.get("quantization")
             if quantization:
                 stored = _QUANTIZED_DTYPES.get(quantization["dtype"])

@@ -1,0 +1,43 @@
+import { describeError, ModelLoadError } from "../lib/errors.js";
+import { classifyUsage, runClassify } from "./classify.js";
+import { UsageError } from "./common.js";
+
+const usage = `Usage: sortline COMMAND [OPTIONS]
+
+Commands:
+  classify   classify image files and folders with a model package
+
+Run 'sortline COMMAND --help' for the options of a command.`;
+
+type Command = (argv: string[]) => Promise<number>;
+
+const commands: Record<string, { run: Command; usage: string }> = {
+  classify: { run: runClassify, usage: classifyUsage },
+};
+
+/** Runs the sortline CLI and returns its exit code. */
+export async function main(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === "--help" || name === "-h" || name === "help") {
+    process.stdout.write(`${usage}\n`);
+    return name === undefined ? 2 : 0;
+  }
+  const command = commands[name];
+  if (command === undefined) {
+    process.stderr.write(`sortline: unknown command '${name}'\n\n${usage}\n`);
+    return 2;
+  }
+  try {
+    return await command.run(rest);
+  } catch (error) {
+    if (error instanceof UsageError || (error as NodeJS.ErrnoException).code?.startsWith("ERR_PARSE_ARGS")) {
+      process.stderr.write(`sortline ${name}: ${describeError(error)}\n\n${command.usage}\n`);
+      return 2;
+    }
+    if (error instanceof ModelLoadError) {
+      process.stderr.write(`sortline ${name}: ${describeError(error)}\n`);
+      return 1;
+    }
+    throw error;
+  }
+}

@@ -1,0 +1,12 @@
+import { defineConfig } from "vitest/config";
+
+export default defineConfig({
+  test: {
+    include: ["test/**/*.test.ts"],
+    testTimeout: 60_000,
+    hookTimeout: 120_000,
+    // Tests load ResNet-50 sessions and spawn processes; two workers fit a 2-core machine.
+    maxWorkers: 2,
+    pool: "forks",
+  },
+});
