@@ -1,10 +1,12 @@
 import { describeError, ModelLoadError } from "../lib/errors.js";
+import { auditUsage, runAudit } from "./audit.js";
 import { classifyUsage, runClassify } from "./classify.js";
 import { UsageError } from "./common.js";
 
 const usage = `Usage: sortline COMMAND [OPTIONS]
 
 Commands:
+  audit      summarize, list and export the decision audit database
   classify   classify image files and folders with a model package
 
 Run 'sortline COMMAND --help' for the options of a command.`;
@@ -12,6 +14,7 @@ Run 'sortline COMMAND --help' for the options of a command.`;
 type Command = (argv: string[]) => Promise<number>;
 
 const commands: Record<string, { run: Command; usage: string }> = {
+  audit: { run: runAudit, usage: auditUsage },
   classify: { run: runClassify, usage: classifyUsage },
 };
 
