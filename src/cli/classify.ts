@@ -9,7 +9,7 @@ import { prepareImage } from "../preprocess/image.js";
 import { defaultModelDir, UsageError } from "./common.js";
 
 const IMAGE_EXTENSIONS = new Set([".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".gif", ".avif", ".heic", ".heif"]);
-/** Images decoded concurrently and run as one batch. */
+/** Images run through the model as one batch. */
 const BATCH_SIZE = 8;
 
 export const classifyUsage = `Usage: sortline classify [--model DIR] [--json] [--top K] [--provider NAME]... PATH...
@@ -70,7 +70,17 @@ async function loadPixels(file: string, runner: ModelRunner): Promise<Buffer> {
 }
 
 async function classifyBatch(files: string[], runner: ModelRunner, k: number): Promise<ClassifyLine[]> {
-  const decoded = await Promise.allSettled(files.map((file) => loadPixels(file, runner)));
+  // Decoded one at a time: concurrent sharp 0.34 pipelines share libvips' error buffer, so a
+  // failing decode beside another one can lose its message and report "Unknown error".
+  const decoded: PromiseSettledResult<Buffer>[] = [];
+  for (const file of files) {
+    decoded.push(
+      await loadPixels(file, runner).then(
+        (value) => ({ status: "fulfilled", value }) as const,
+        (reason: unknown) => ({ status: "rejected", reason }) as const,
+      ),
+    );
+  }
   const good = decoded.flatMap((result, index) => (result.status === "fulfilled" ? [{ index, pixels: result.value }] : []));
   const lines: ClassifyLine[] = decoded.map((result, index) => ({
     file: files[index]!,

@@ -96,6 +96,12 @@ export class ModelRunner {
         throw new ModelLoadError(`model has outputs ${this.session.outputNames.join(", ")}; the manifest names '${name}'`);
       }
     }
+    // A graph with a symbolic class dimension is checked by run() on the first batch instead.
+    const scores = this.session.outputMetadata.find((metadata) => metadata.name === outputs.probabilities);
+    const classes = scores?.isTensor ? scores.shape[1] : undefined;
+    if (typeof classes === "number" && classes !== this.manifest.labels.length) {
+      throw new ModelLoadError(`model returns ${classes} scores; the manifest lists ${this.manifest.labels.length} labels`);
+    }
   }
 
   /** Runs one batch of prepared images (each crop.height x crop.width x 3 uint8 RGB). */

@@ -46,7 +46,9 @@ export interface PreparedImage {
  * Throws ImageDecodeError for anything that cannot be decoded, including truncated files.
  */
 export async function prepareImage(input: Buffer | string, policy: PreprocessPolicy): Promise<PreparedImage> {
-  const options = { failOn: "truncated", limitInputPixels: MAX_INPUT_PIXELS, sequentialRead: true, pages: 1 } as const;
+  // ignoreIcc: the training side (pyvips) converts by interpretation only, so both sides ignore embedded profiles.
+  // NOTE: photos with a Display P3 or Adobe RGB profile therefore reach the model with shifted colours.
+  const options = { failOn: "truncated", limitInputPixels: MAX_INPUT_PIXELS, sequentialRead: true, pages: 1, ignoreIcc: true } as const;
   try {
     const metadata = await sharp(input, options).metadata();
     const oriented = metadata.autoOrient ?? { width: metadata.width, height: metadata.height };
@@ -59,8 +61,12 @@ export async function prepareImage(input: Buffer | string, policy: PreprocessPol
       throw new ImageDecodeError(`image of ${width}x${height} is smaller than the ${cropWidth}x${cropHeight} crop`);
     }
 
+    // pipelineColourspace converts to 8-bit sRGB right after decoding, as the training side does
+    // before resizing. It also turns off JPEG shrink-on-load, which would decode large JPEGs
+    // at 1/2, 1/4 or 1/8 size and give different pixels from a full decode (sharp 0.34).
     let pipeline = sharp(input, options)
       .rotate()
+      .pipelineColourspace("srgb")
       .toColourspace("srgb")
       .flatten({ background: { r: policy.alpha.flatten[0], g: policy.alpha.flatten[1], b: policy.alpha.flatten[2] } });
     if (width !== oriented.width || height !== oriented.height) {
