@@ -3,7 +3,7 @@ export interface StageLatency {
   /** Capture to the start of decoding, including queueing. */
   queueMs: number;
   decodeMs: number;
-  /** This frame's share of its batch's inference time. */
+  /** Inference time of the batch this frame ran in. */
   inferenceMs: number;
   /** Capture to decision. */
   totalMs: number;

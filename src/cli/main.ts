@@ -1,11 +1,15 @@
 import { describeError, ModelLoadError } from "../lib/errors.js";
+import { agentUsage, runAgent } from "./agent.js";
 import { auditUsage, runAudit } from "./audit.js";
 import { classifyUsage, runClassify } from "./classify.js";
 import { UsageError } from "./common.js";
+import { demoUsage, runDemo } from "./demo.js";
 
 const usage = `Usage: sortline COMMAND [OPTIONS]
 
 Commands:
+  agent      run the edge agent from a configuration file
+  demo       run the agent on bundled photos with an embedded MQTT broker
   audit      summarize, list and export the decision audit database
   classify   classify image files and folders with a model package
 
@@ -14,6 +18,8 @@ Run 'sortline COMMAND --help' for the options of a command.`;
 type Command = (argv: string[]) => Promise<number>;
 
 const commands: Record<string, { run: Command; usage: string }> = {
+  agent: { run: runAgent, usage: agentUsage },
+  demo: { run: runDemo, usage: demoUsage },
   audit: { run: runAudit, usage: auditUsage },
   classify: { run: runClassify, usage: classifyUsage },
 };

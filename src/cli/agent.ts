@@ -1,0 +1,82 @@
+import { parseArgs } from "node:util";
+
+import { Agent } from "../agent/agent.js";
+import { loadAgentConfig } from "../config/load.js";
+import { ConfigError, describeError } from "../lib/errors.js";
+import { createLogger } from "../lib/log.js";
+import { UsageError } from "./common.js";
+
+export const agentUsage = `Usage: sortline agent --config FILE [--validate-config]
+
+Runs the edge agent: cameras in, sorting decisions out, every decision audited.
+
+Options:
+  --config FILE        agent configuration (YAML or JSON)
+  --validate-config    check the configuration, print the problems and exit (0 when valid)
+  -h, --help           print this help`;
+
+/** Runs `sortline agent`; resolves with the exit code once the agent has stopped. */
+export async function runAgent(argv: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      config: { type: "string" },
+      "validate-config": { type: "boolean", default: false },
+      help: { type: "boolean", short: "h", default: false },
+    },
+  });
+  if (values.help) {
+    process.stdout.write(`${agentUsage}\n`);
+    return 0;
+  }
+  if (!values.config) {
+    throw new UsageError("--config FILE is required");
+  }
+  let config;
+  try {
+    config = await loadAgentConfig(values.config);
+  } catch (error) {
+    if (error instanceof ConfigError) {
+      process.stderr.write(`${error.message}\n`);
+      return 1;
+    }
+    throw error;
+  }
+  if (values["validate-config"]) {
+    process.stdout.write(`${values.config}: configuration is valid\n`);
+    return 0;
+  }
+
+  const logger = createLogger({ level: config.logging.level, base: { device: config.device.id } });
+  const agent = new Agent({ config, logger });
+  const stopped = new Promise<number>((resolve) => {
+    let stopping = false;
+    const shutdown = (signal: string): void => {
+      if (stopping) {
+        return;
+      }
+      stopping = true;
+      logger.info({ signal }, "shutdown requested");
+      agent.stop().then(
+        () => resolve(0),
+        (error) => {
+          logger.error({ err: describeError(error) }, "shutdown failed");
+          resolve(1);
+        },
+      );
+    };
+    process.once("SIGTERM", () => shutdown("SIGTERM"));
+    process.once("SIGINT", () => shutdown("SIGINT"));
+  });
+  try {
+    await agent.start();
+  } catch (error) {
+    logger.fatal({ err: describeError(error) }, "agent failed to start");
+    await agent.stop().catch(() => undefined);
+    logger.flush();
+    return 1;
+  }
+  const code = await stopped;
+  logger.flush();
+  return code;
+}
