@@ -1,7 +1,7 @@
 """Distributed feature extraction with an embedding cache in Parquet.
 
 Each image is read, hashed and embedded inside Spark tasks; the driver only lists paths. The
-cache holds one row per (backbone id, view, content sha256), so retraining, a new split or a
+cache contains one row per (backbone id, view, content sha256), so retraining, a new split or a
 new class never recomputes a feature that was computed before.
 """
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".gif", ".heic", ".avif"}
 
-# Augmented views embedded for training; "centre" is what the agent sees at run time.
+# Augmented views embedded for training; "centre" is the view the agent classifies at run time.
 VIEWS = ("centre", "centre-hflip")
 
 CACHE_SCHEMA = T.StructType([
@@ -59,7 +59,7 @@ def list_images(source: str | Path) -> list[LabelledImage]:
     Raises
     ------
     ValueError
-        If the source holds no images or a manifest row lacks a path or label.
+        If the source contains no images or a manifest row lacks a path or label.
     """
     source = Path(source)
     images: list[LabelledImage] = []

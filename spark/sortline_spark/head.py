@@ -16,7 +16,7 @@ class HeadConfig:
     """Hyper-parameters of the MLP head (``hidden == 0`` gives multinomial logistic regression)."""
 
     hidden: int = 256
-    epochs: int = 80
+    epochs: int = 40
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4

@@ -19,6 +19,8 @@ def create_session(master: str | None = None, app_name: str = "sortline-train") 
     """
     # Python workers must use this interpreter, whose environment has onnxruntime and pyvips.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # The driver and local executors talk over loopback unless the caller says otherwise.
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     builder = SparkSession.builder.appName(app_name)
     master = master or os.environ.get("SPARK_MASTER")
     if master:
@@ -29,6 +31,7 @@ def create_session(master: str | None = None, app_name: str = "sortline-train") 
         builder.config("spark.sql.execution.arrow.pyspark.enabled", "true")
         # Feature rows hold a few thousand floats each; small Arrow batches keep task memory low.
         .config("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
+        .config("spark.ui.showConsoleProgress", "false")
         .config("spark.ui.enabled", os.environ.get("SORTLINE_SPARK_UI", "false"))
         .config("spark.driver.bindAddress", os.environ.get("SPARK_DRIVER_BIND_ADDRESS", "127.0.0.1"))
         .config("spark.driver.host", os.environ.get("SPARK_DRIVER_HOST", "127.0.0.1"))

@@ -202,8 +202,9 @@ export class Agent {
     this.status = "stopping";
     this.metrics.setReady(false);
     this.logger.info("agent stopping");
-    await this.notifier.stopping();
+    // Pings stop first, so that no WATCHDOG=1 reaches systemd after STOPPING=1.
     this.keeper?.stop();
+    await this.notifier.stopping();
     if (this.pruneTimer) {
       clearInterval(this.pruneTimer);
     }

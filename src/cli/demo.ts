@@ -141,9 +141,9 @@ export async function runDemo(argv: string[]): Promise<number> {
   const finished = new Promise<void>((resolve) => (finish = resolve));
   const agent = new Agent({ config, logger, onDecision: (record) => stats.add(record), onSourcesEnded: () => finish() });
 
-  const started = Date.now();
   process.stdout.write(`sortline demo: ${photos} at ${fps} fps, model ${config.model.dir}, broker ${broker.url}\n`);
   await agent.start();
+  const started = Date.now();
   if (seconds !== undefined) {
     setTimeout(() => finish(), seconds * 1000).unref();
   }

@@ -63,7 +63,7 @@ export interface MqttActuatorOptions {
 
 /**
  * Publishes one JSON decision message per frame. While the broker is unreachable, mqtt.js keeps
- * messages in memory; this actuator caps that at `maxQueued` and drops the rest, because a
+ * messages in memory. This actuator caps that at `maxQueued` and drops the rest, because a
  * decision delivered after its deadline cannot move an item that has passed the actuator.
  */
 export class MqttActuator implements Actuator {

@@ -60,9 +60,9 @@ export interface PipelineStats {
  * inference, the decision policy, a committed audit write, then the actuators.
  *
  * Decoding of the next frames overlaps inference of the current batch. The audit batch commits
- * before any of its decisions reaches an actuator, so a decision that was sent is in the audit,
- * except while audit writes fail: the line keeps moving, the records wait in memory (bounded)
- * and are written once the store accepts writes again.
+ * before any of its decisions reaches an actuator, so a decision that was sent is in the audit.
+ * The exception is a period of failing audit writes (a full disk, say). The line keeps moving
+ * then, and the records wait in memory (bounded) until the store accepts writes again.
  */
 export class Pipeline {
   private readonly input: DropOldestQueue<Frame>;
@@ -92,7 +92,7 @@ export class Pipeline {
     return this.input.size + this.ready.length + this.decoding;
   }
 
-  /** Accepts a frame from a source; never blocks. */
+  /** Accepts a frame from a source. It only queues the frame, so it returns at once. */
   submit(frame: Frame): void {
     if (this.stopping) {
       return;

@@ -51,7 +51,7 @@ export class DropOldestQueue<T> {
     return this.take(this.size);
   }
 
-  /** Resolves when the queue holds at least one item, or after `timeoutMs` when given. */
+  /** Resolves when the queue contains at least one item, or after `timeoutMs` when given. */
   waitForItems(timeoutMs?: number): Promise<void> {
     if (this.size > 0) {
       return Promise.resolve();
