@@ -1,7 +1,10 @@
+import { stat } from "node:fs/promises";
 import { parseArgs } from "node:util";
 
 import { Agent } from "../agent/agent.js";
 import { loadAgentConfig } from "../config/load.js";
+import type { AgentConfig } from "../config/schema.js";
+import { readModelPackage } from "../models/manifest.js";
 import { ConfigError, describeError } from "../lib/errors.js";
 import { createLogger } from "../lib/log.js";
 import { UsageError } from "./common.js";
@@ -14,6 +17,25 @@ Options:
   --config FILE        agent configuration (YAML or JSON)
   --validate-config    check the configuration, print the problems and exit (0 when valid)
   -h, --help           print this help`;
+
+/** Returns problems with the files a valid configuration points at: the model package and replay folders. */
+async function checkReferencedFiles(config: AgentConfig): Promise<string[]> {
+  const problems: string[] = [];
+  try {
+    await readModelPackage(config.model.dir);
+  } catch (error) {
+    problems.push(`model.dir: ${describeError(error)}`);
+  }
+  for (const [index, source] of config.sources.entries()) {
+    if (source.type === "directory") {
+      const info = await stat(source.path).catch(() => undefined);
+      if (!info?.isDirectory()) {
+        problems.push(`sources[${index}].path: folder ${source.path} not found`);
+      }
+    }
+  }
+  return problems;
+}
 
 /** Runs `sortline agent`; resolves with the exit code once the agent has stopped. */
 export async function runAgent(argv: string[]): Promise<number> {
@@ -43,6 +65,11 @@ export async function runAgent(argv: string[]): Promise<number> {
     throw error;
   }
   if (values["validate-config"]) {
+    const problems = await checkReferencedFiles(config);
+    if (problems.length) {
+      process.stderr.write(`${values.config}: invalid configuration:\n${problems.map((p) => `  - ${p}`).join("\n")}\n`);
+      return 1;
+    }
     process.stdout.write(`${values.config}: configuration is valid\n`);
     return 0;
   }

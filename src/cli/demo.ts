@@ -61,6 +61,10 @@ class DemoStats {
       return;
     }
     this.latencies.push(record.latency.totalMs);
+    // Percentiles cover the most recent decisions, so a long run keeps bounded memory.
+    if (this.latencies.length > 20_000) {
+      this.latencies.splice(0, 10_000);
+    }
     if (record.truth) {
       this.withTruth++;
       if (record.truth === record.label) {
@@ -165,6 +169,7 @@ export async function runDemo(argv: string[]): Promise<number> {
   const sorted = [...stats.latencies].sort((a, b) => a - b);
   const result = {
     frames: stats.decided,
+    dropped: agent.pipeline?.stats.dropped ?? 0,
     errors: stats.errors,
     accuracy: stats.withTruth ? stats.correct / stats.withTruth : null,
     latencyMs: { p50: percentile(sorted, 0.5), p99: percentile(sorted, 0.99) },
@@ -175,7 +180,7 @@ export async function runDemo(argv: string[]): Promise<number> {
     seconds: (Date.now() - started) / 1000,
   };
   process.stdout.write(
-    `summary: ${result.frames} frames, accuracy ${result.accuracy?.toFixed(3) ?? "n/a"}, latency p50 ${result.latencyMs.p50} ms p99 ${result.latencyMs.p99} ms, ` +
+    `summary: ${result.frames} frames decided, ${result.dropped} dropped, accuracy ${result.accuracy?.toFixed(3) ?? "n/a"}, latency p50 ${result.latencyMs.p50} ms p99 ${result.latencyMs.p99} ms, ` +
       `${result.mqttMessagesReceived} decisions received over MQTT, ${result.auditRows} rows in ${result.auditFile}\n`,
   );
   process.stdout.write(`${JSON.stringify(result)}\n`);

@@ -144,7 +144,9 @@ export async function readModelPackage(dir: string): Promise<ModelPackage> {
   try {
     text = await readFile(manifestPath, "utf8");
   } catch (error) {
-    throw new ModelLoadError(`cannot read ${manifestPath}: ${(error as NodeJS.ErrnoException).code ?? error}`, { cause: error });
+    const code = (error as NodeJS.ErrnoException).code;
+    const hint = code === "ENOENT" ? " (no model package in that folder; check the model path)" : "";
+    throw new ModelLoadError(`cannot read ${manifestPath}: ${code ?? error}${hint}`, { cause: error });
   }
   let document: unknown;
   try {

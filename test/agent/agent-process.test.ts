@@ -254,4 +254,18 @@ describe("agent --validate-config", () => {
     expect(cli.stderr).toContain("decisions.defaultMinConfidence");
     expect(cli.plainLines.join("\n")).not.toContain("configuration is valid");
   });
+
+  it("exits 1 for missing model and photos", async () => {
+    const config = agentConfig("photos-missing", path.join(temp.dir, "missing", "audit.db"));
+    const missing = path.join(temp.dir, "no-such-folder");
+    const sources = [{ ...(config.sources as object[])[0], path: missing }];
+    const file = writeConfig("missing.yaml", { ...config, model: { dir: missing }, sources });
+
+    const cli = CliProcess.start(["agent", "--config", file, "--validate-config"]);
+    const status = await cli.exited;
+
+    expect(status).toEqual({ code: 1, signal: null });
+    expect(cli.stderr).toContain(`model.dir: cannot read ${path.join(missing, "manifest.json")}: ENOENT`);
+    expect(cli.stderr).toContain(`sources[0].path: folder ${missing} not found`);
+  });
 });
