@@ -1,4 +1,4 @@
-import { spawn, type ChildProcess, type ChildProcessWithoutNullStreams } from "node:child_process";
+import { spawn, type ChildProcess } from "node:child_process";
 import path from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
@@ -127,49 +127,4 @@ export class DecisionSubscriber {
   }
 }
 
-/**
- * Binds an AF_UNIX datagram socket at argv[1], as systemd does for NOTIFY_SOCKET, and prints each
- * datagram as one JSON string per line. recv() without an ancillary buffer makes the kernel close
- * the pipe fd that systemd-notify sends with BARRIER=1, which releases the sender.
- */
-const NOTIFY_LISTENER = `
-import json, socket, sys
-sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-sock.bind(sys.argv[1])
-print(json.dumps("LISTENING"), flush=True)
-while True:
-    data = sock.recv(65536)
-    print(json.dumps(data.decode("utf-8", "replace")), flush=True)
-`;
-
-/** A real notify socket served by a python3 child, because Node.js cannot bind AF_UNIX datagram sockets. */
-export class NotifySocket {
-  /** Datagrams received, without the BARRIER=1 that systemd-notify sends after each message. */
-  readonly messages: string[] = [];
-  private listening = false;
-
-  private constructor(
-    readonly socketPath: string,
-    private readonly child: ChildProcessWithoutNullStreams,
-  ) {
-    createInterface({ input: child.stdout }).on("line", (line) => {
-      const message = JSON.parse(line) as string;
-      if (message === "LISTENING") {
-        this.listening = true;
-      } else if (message !== "BARRIER=1") {
-        this.messages.push(message);
-      }
-    });
-  }
-
-  static async start(socketPath: string): Promise<NotifySocket> {
-    const child = spawn("python3", ["-u", "-c", NOTIFY_LISTENER, socketPath]);
-    const socket = new NotifySocket(socketPath, child);
-    await waitUntil(() => socket.listening, `python3 to bind ${socketPath}`);
-    return socket;
-  }
-
-  stop(): void {
-    this.child.kill();
-  }
-}
+export { NotifySocket } from "../helpers/notify-socket.js";

@@ -1,13 +1,13 @@
-import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from "node:child_process";
+import { spawnSync } from "node:child_process";
 import { chmod, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
-import { createInterface } from "node:readline";
 
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 
 import { createLogger } from "../../src/lib/log.js";
 import { DEFAULT_NOTIFY_PATH, Notifier, WatchdogKeeper, watchdogIntervalMs } from "../../src/health/sdnotify.js";
+import { NotifySocket } from "../helpers/notify-socket.js";
 
 const hasPython = spawnSync("python3", ["--version"]).status === 0;
 const hasSystemdNotify = spawnSync(DEFAULT_NOTIFY_PATH, ["--version"]).status === 0;
@@ -16,73 +16,6 @@ if (!hasPython) {
   skipReason = "python3 is not installed";
 } else if (!hasSystemdNotify) {
   skipReason = `${DEFAULT_NOTIFY_PATH} is not installed`;
-}
-
-/**
- * Binds an AF_UNIX datagram socket at argv[1], as systemd does for NOTIFY_SOCKET, and prints each
- * datagram as one JSON string per line. A BARRIER=1 datagram carries a pipe fd; recv() without
- * ancillary buffer lets the kernel close it, which releases the sender's sd_notify_barrier().
- */
-const LISTENER = `
-import json, socket, sys
-sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-sock.bind(sys.argv[1])
-print(json.dumps("LISTENING"), flush=True)
-while True:
-    data = sock.recv(65536)
-    print(json.dumps(data.decode("utf-8", "replace")), flush=True)
-`;
-
-/** The listening side of a notify socket, run by python3 because Node.js cannot bind AF_UNIX datagram sockets. */
-class NotifySocketListener {
-  private readonly messages: string[] = [];
-  private waiter: (() => void) | undefined;
-
-  private constructor(
-    readonly socketPath: string,
-    private readonly child: ChildProcessWithoutNullStreams,
-  ) {
-    const lines = createInterface({ input: child.stdout });
-    lines.on("line", (line) => {
-      const message = JSON.parse(line) as string;
-      // systemd-notify sends BARRIER=1 after each message to wait for its processing.
-      if (message !== "BARRIER=1") {
-        this.messages.push(message);
-        this.waiter?.();
-      }
-    });
-  }
-
-  static async start(socketPath: string): Promise<NotifySocketListener> {
-    const child = spawn("python3", ["-u", "-c", LISTENER, socketPath]);
-    const listener = new NotifySocketListener(socketPath, child);
-    expect(await listener.next()).toBe("LISTENING");
-    return listener;
-  }
-
-  /** Returns the next datagram, waiting up to `timeoutMs` of real time for it. */
-  async next(timeoutMs = 5_000): Promise<string> {
-    const deadline = Date.now() + timeoutMs;
-    while (this.messages.length === 0) {
-      const remaining = deadline - Date.now();
-      if (remaining <= 0) {
-        throw new Error(`no datagram on ${this.socketPath} within ${timeoutMs} ms`);
-      }
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, remaining);
-        this.waiter = () => {
-          clearTimeout(timer);
-          resolve();
-        };
-      });
-      this.waiter = undefined;
-    }
-    return this.messages.shift() as string;
-  }
-
-  stop(): void {
-    this.child.kill();
-  }
 }
 
 function captureLogger(): { logger: ReturnType<typeof createLogger>; records: Array<Record<string, unknown>> } {
@@ -100,11 +33,11 @@ function captureLogger(): { logger: ReturnType<typeof createLogger>; records: Ar
 
 describe.skipIf(skipReason !== "")(`sd_notify over a real socket${skipReason ? ` (skipped: ${skipReason})` : ""}`, () => {
   let tempDir: string;
-  let listener: NotifySocketListener;
+  let listener: NotifySocket;
 
   beforeEach(async () => {
     tempDir = await mkdtemp(path.join(tmpdir(), "sortline-notify-"));
-    listener = await NotifySocketListener.start(path.join(tempDir, "notify.sock"));
+    listener = await NotifySocket.start(path.join(tempDir, "notify.sock"));
   });
 
   afterEach(async () => {
