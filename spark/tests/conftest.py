@@ -20,6 +20,15 @@ FIXTURE_CLASSES = ("glass", "metal", "paper")
 FIXTURE_IMAGES_PER_CLASS = 6
 
 
+def copy_trashnet_subset(datasets: Path, root: Path, classes: tuple[str, ...], per_class: int) -> Path:
+    """Copy the first ``per_class`` TrashNet photos by file name of each class into ``root/<class>/``."""
+    for label in classes:
+        (root / label).mkdir(parents=True)
+        for photo in sorted((datasets / "trashnet" / label).glob("*.jpg"))[:per_class]:
+            shutil.copyfile(photo, root / label / photo.name)
+    return root
+
+
 @pytest.fixture(scope="session")
 def spark() -> SparkSession:
     """Return a real two-core local SparkSession, stopped after the last test."""

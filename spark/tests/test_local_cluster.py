@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import copy_trashnet_subset
 
 CLASSES = ("glass", "metal", "paper")
 IMAGES_PER_CLASS = 6
@@ -20,12 +21,7 @@ IMAGES_PER_CLASS = 6
 
 @pytest.fixture(scope="module")
 def small_set(datasets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cluster") / "images"
-    for label in CLASSES:
-        (root / label).mkdir(parents=True)
-        for photo in sorted((datasets / "trashnet" / label).glob("*.jpg"))[:IMAGES_PER_CLASS]:
-            shutil.copyfile(photo, root / label / photo.name)
-    return root
+    return copy_trashnet_subset(datasets, tmp_path_factory.mktemp("cluster") / "images", CLASSES, IMAGES_PER_CLASS)
 
 
 def test_train_in_local_cluster_mode(small_set: Path, backbone: tuple[Path, dict]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,8 @@ from sortline_spark.embed import split_of
 from sortline_spark.head import HeadConfig
 from sortline_spark.images import ResizePolicy, prepare
 from sortline_spark.train import TrainConfig, run
+
+from conftest import copy_trashnet_subset
 
 TRAIN_CLASSES = ("glass", "metal", "paper")
 # The first seven TrashNet photos of each class by file name. A 0.34 content-hash split puts
@@ -42,12 +43,7 @@ class TrainRuns:
 
 @pytest.fixture(scope="module")
 def training_images(datasets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("train") / "images"
-    for label in TRAIN_CLASSES:
-        (root / label).mkdir(parents=True)
-        for photo in sorted((datasets / "trashnet" / label).glob("*.jpg"))[:IMAGES_PER_CLASS]:
-            shutil.copyfile(photo, root / label / photo.name)
-    return root
+    return copy_trashnet_subset(datasets, tmp_path_factory.mktemp("train") / "images", TRAIN_CLASSES, IMAGES_PER_CLASS)
 
 
 @pytest.fixture(scope="module")
