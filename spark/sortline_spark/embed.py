@@ -105,15 +105,22 @@ def _hash_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         yield frame.assign(sha256=hashes)
 
 
+def task_session(file_name: str):
+    """Open an onnxruntime CPU session on a file shipped to the executors with ``SparkContext.addFile``.
+
+    Spark runs one task per core, so each session gets one thread unless ``SORTLINE_ORT_THREADS`` says otherwise.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(os.environ.get("SORTLINE_ORT_THREADS", "1"))
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(SparkFiles.get(file_name), options, providers=["CPUExecutionProvider"])
+
+
 def _embed_partition_fn(backbone_file: str, backbone_id: str, policy: ResizePolicy, batch_size: int, outputs: list[str]):
     def embed(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        # Spark runs one task per core, so each session gets one thread.
-        options.intra_op_num_threads = int(os.environ.get("SORTLINE_ORT_THREADS", "1"))
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(SparkFiles.get(backbone_file), options, providers=["CPUExecutionProvider"])
+        session = task_session(backbone_file)
         for frame in batches:
             rows = []
             for start in range(0, len(frame), batch_size):
@@ -169,7 +176,7 @@ class FeatureJob:
         """Return path, label, sha256, view, features and error for every image and view.
 
         Features missing from the cache are computed across partitions and appended to the
-        cache first; a failed decode is cached as an error, so it is not retried either.
+        cache first. A failed decode is cached as an error, so it is not retried either.
         """
         wanted = self.spark.createDataFrame(hashed[["path", "label", "sha256"]]).crossJoin(
             self.spark.createDataFrame([(v,) for v in views], "view string")

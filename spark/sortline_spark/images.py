@@ -27,7 +27,7 @@ class ImageDecodeError(ValueError):
 
 @dataclass(frozen=True)
 class ResizePolicy:
-    """How an image becomes a model input (stored in the model manifest)."""
+    """Resize and crop policy from image to model input (stored in the model manifest)."""
 
     resize_short_side: int = 256
     crop: int = 224

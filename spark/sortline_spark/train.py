@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -20,11 +19,10 @@ from typing import Iterator
 import numpy as np
 import onnx
 import pandas as pd
-from pyspark import SparkFiles
 from pyspark.sql import SparkSession
 
 from .backbone import RESNET50_IMAGENET, build_backbone, cache_dir
-from .embed import VIEWS, FeatureJob, LabelledImage, list_images, split_of, view_pixels
+from .embed import VIEWS, FeatureJob, LabelledImage, list_images, split_of, task_session, view_pixels
 from .evaluate import classification_report, machine_description, measure_latency, plot_confusion, write_json
 from .head import HeadConfig, compose, train_head
 from .images import ImageDecodeError, ResizePolicy, prepare
@@ -61,12 +59,7 @@ def _predict_partition_fn(model_files: dict[str, str], policy: ResizePolicy):
     """Return a mapInPandas function that runs every model on each image's centre view."""
 
     def predict(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(os.environ.get("SORTLINE_ORT_THREADS", "1"))
-        sessions = {key: ort.InferenceSession(SparkFiles.get(name), options, providers=["CPUExecutionProvider"])
-                    for key, name in model_files.items()}
+        sessions = {key: task_session(name) for key, name in model_files.items()}
         for frame in batches:
             rows = []
             for start in range(0, len(frame), 8):

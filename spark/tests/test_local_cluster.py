@@ -28,7 +28,7 @@ def test_train_in_local_cluster_mode(small_set: Path, backbone: tuple[Path, dict
     out = small_set.parent / "package"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Two executor JVMs with one core and 1024 MB each; the job runs in its own process because
-    # a Python process holds one SparkContext and the test session already has a local one.
+    # a Python process can have only one SparkContext and the test session already has a local one.
     command = [
         sys.executable, "-m", "sortline_spark.train",
         "--data", str(small_set), "--out", str(out), "--name", "cluster-test", "--version", "0.1.0",

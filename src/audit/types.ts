@@ -24,9 +24,9 @@ export interface DecisionRecord {
   /** Top-1 label, or null when the frame failed. */
   label: string | null;
   confidence: number | null;
-  /** Bin the actuator was told, or null when no decision was sent. */
+  /** Bin sent to the actuator, or null when no decision was sent. */
   bin: string | null;
-  /** Why the frame went to the reject bin or failed, e.g. "low-confidence", "unmapped-class". */
+  /** Reason the frame went to the reject bin or failed, e.g. "low-confidence", "unmapped-class". */
   reason: string | null;
   latency: StageLatency;
   /** Error message for frames that could not be decoded or classified. */

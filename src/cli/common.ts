@@ -9,7 +9,7 @@ export class UsageError extends SortlineError {}
 /** Root of the installed package (the folder holding package.json). */
 export const packageRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
 
-/** The bundled default model package, used when no --model is given. */
+/** Returns the bundled default model package folder, used when no --model is given. */
 export function defaultModelDir(): string {
   return path.join(packageRoot, "models", "default");
 }

@@ -4,7 +4,7 @@ import { describeError, ModelLoadError } from "../lib/errors.js";
 import { silentLogger, type Logger } from "../lib/log.js";
 import { readModelPackage, verifyModelFile, type ModelManifest, type ModelPackage } from "../models/manifest.js";
 
-/** Execution providers sortline knows, in the order users usually prefer them. */
+/** Execution providers sortline can try, fastest first. */
 export const KNOWN_PROVIDERS = ["tensorrt", "cuda", "cpu"] as const;
 export type ProviderName = (typeof KNOWN_PROVIDERS)[number];
 
@@ -56,7 +56,7 @@ export class ModelRunner {
     return this.pkg.manifest;
   }
 
-  /** Loads a model package, verifying its sha256 unless told not to, and tries each provider in order. */
+  /** Loads a model package, verifying its sha256 unless `skipVerify` is set, and tries each provider in order. */
   static async load(dir: string, options: RunnerOptions = {}): Promise<ModelRunner> {
     const logger = options.logger ?? silentLogger;
     const pkg = await readModelPackage(dir);

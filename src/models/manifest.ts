@@ -6,7 +6,7 @@ import { Ajv, type ErrorObject } from "ajv";
 
 import { ModelLoadError } from "../lib/errors.js";
 
-/** How an image becomes a model input; the training job applies the same steps with libvips. */
+/** Preprocessing steps from image to model input; the training job applies the same steps with libvips. */
 export interface PreprocessPolicy {
   orientation: "exif";
   colourspace: "srgb";
