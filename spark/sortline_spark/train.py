@@ -26,11 +26,15 @@ from .embed import VIEWS, FeatureJob, LabelledImage, list_images, split_of, task
 from .evaluate import classification_report, machine_description, measure_latency, plot_confusion, write_json
 from .head import HeadConfig, compose, train_head
 from .images import ImageDecodeError, ResizePolicy, prepare
+from .knowledge import EMBEDDING_DIM, build_knowledge, write_knowledge
 from .package import MODEL_FILE, build_manifest, write_manifest
 from .quantize import quantize_int8
 from .session import create_session
 
 log = logging.getLogger("sortline_spark.train")
+
+# The images a package was validated on, as a CSV manifest (path,label), kept next to the model.
+VALIDATION_FILE = "validation.csv"
 
 
 @dataclass
@@ -44,6 +48,8 @@ class TrainConfig:
     master: str | None = None
     validation_fraction: float = 0.2
     validation_sets: list[str] = field(default_factory=list)
+    # Labelled sets evaluated as validation in addition to the content-hash split of ``datasets``.
+    extra_validation: list[str] = field(default_factory=list)
     head: HeadConfig = HeadConfig()
     calibration_images: int = 256
     int8: bool = True
@@ -142,6 +148,10 @@ def run(config: TrainConfig) -> dict:
         hashed = pd.concat([hashed, extra[~extra["sha256"].str.startswith("unreadable:")]], ignore_index=True)
     else:
         hashed["split"] = [split_of(sha, config.validation_fraction) for sha in hashed["sha256"]]
+    if config.extra_validation:
+        extra = job.hash_images([i for source in config.extra_validation for i in list_images(source)])
+        extra["split"] = "validation"
+        hashed = pd.concat([hashed, extra[~extra["sha256"].str.startswith("unreadable:")]], ignore_index=True)
     # An image whose content also appears under the other split is dropped from training.
     hashed = hashed[~((hashed["split"] == "train") & hashed["sha256"].isin(hashed.loc[hashed["split"] == "validation", "sha256"]))]
     labels = sorted(hashed["label"].unique())
@@ -163,6 +173,11 @@ def run(config: TrainConfig) -> dict:
         validation_features["label"].map(labels.index).to_numpy(), head.predict_proba(_stack(validation_features)).argmax(axis=1), labels
     )
     log.info("head accuracy on validation features: %.4f", feature_report["accuracy"])
+    centre = train_features[train_features["view"] == "centre"]
+    if job.outputs[-1] != "embedding":
+        raise RuntimeError(f"the feature vector must end with the embedding output, got {job.outputs}")
+    knowledge = build_knowledge(np.stack([np.asarray(v, dtype=np.float32)[-EMBEDDING_DIM:] for v in centre["features"]]),
+                                centre["label"].map(labels.index).to_numpy(), labels)
 
     work = config.out.parent / f".{config.out.name}.work"
     shutil.rmtree(work, ignore_errors=True)
@@ -222,7 +237,9 @@ def run(config: TrainConfig) -> dict:
                  "validationImages": int(len(validation_set))},
         quantization=quantization,
     )
+    manifest["knowledge"] = write_knowledge(config.out, knowledge)
     write_manifest(config.out, manifest)
+    validation_set[["path", "label"]].to_csv(config.out / VALIDATION_FILE, index=False)
     shutil.rmtree(work, ignore_errors=True)
     log.info("wrote %s in %.0f s", config.out, time.time() - started)
     return evaluation
@@ -263,6 +280,8 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
                         help="labelled images: a folder with one subfolder per class, or a CSV manifest (path,label); repeatable")
     parser.add_argument("--validation-data", action="append", default=[],
                         help="a separate validation set; without it a content-hash split of --data is used")
+    parser.add_argument("--extra-validation", action="append", default=[],
+                        help="labelled images evaluated in addition to the content-hash split; repeatable")
     parser.add_argument("--out", required=True, type=Path, help="model package folder to write")
     parser.add_argument("--name", default="sortline", help="model name in the manifest")
     parser.add_argument("--version", default="1.0.0", help="semantic version in the manifest")
@@ -280,6 +299,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     return TrainConfig(
         datasets=args.data, out=args.out, name=args.name, version=args.version, master=args.master,
         validation_fraction=args.validation_fraction, validation_sets=args.validation_data,
+        extra_validation=args.extra_validation,
         head=HeadConfig(hidden=args.hidden, epochs=args.epochs), calibration_images=args.calibration_images,
         int8=not args.fp32, latency_runs=args.latency_runs, feature_cache=args.feature_cache,
     )

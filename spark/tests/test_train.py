@@ -184,3 +184,46 @@ def test_fp32_package(train_runs: TrainRuns) -> None:
     assert "int8" not in train_runs.fp32_evaluation
     # Both runs train the same head on the same cached features.
     assert train_runs.fp32_evaluation["fp32"] == train_runs.int8_evaluation["fp32"]
+
+
+def test_knowledge_file(train_runs: TrainRuns) -> None:
+    package = train_runs.int8_out
+    manifest = _manifest(package)
+    knowledge = json.loads((package / "knowledge.json").read_text())
+    expected = _expected_split(train_runs.images)["train"]
+
+    assert manifest["knowledge"] == {"file": "knowledge.json", "sha256": sha256_file(package / "knowledge.json"),
+                                     "bytes": (package / "knowledge.json").stat().st_size}
+    assert knowledge["dim"] == 2048
+    assert [c["label"] for c in knowledge["classes"]] == list(TRAIN_CLASSES)
+    for entry in knowledge["classes"]:
+        assert entry["count"] == expected[entry["label"]]
+        assert np.linalg.norm(entry["centroid"]) == pytest.approx(1.0, abs=1e-4)
+        assert 0.0 <= entry["p50"] <= entry["p95"] < 1.0
+
+
+def test_validation_manifest(train_runs: TrainRuns) -> None:
+    rows = (train_runs.int8_out / "validation.csv").read_text().splitlines()
+    validation = _expected_split(train_runs.images)["validation"]
+
+    assert rows[0] == "path,label"
+    assert len(rows) - 1 == sum(validation.values())
+    assert all(Path(row.split(",")[0]).is_file() for row in rows[1:])
+
+
+def test_gate_compares_packages_on_validation_manifest(spark: SparkSession, train_runs: TrainRuns) -> None:
+    from sortline_spark.gate import GateConfig, decide, predict
+    from sortline_spark.embed import list_images
+    import pandas as pd
+
+    images = pd.DataFrame([{"path": i.path, "label": i.label} for i in list_images(train_runs.int8_out / "validation.csv")])
+    predictions = predict(spark, {"baseline": train_runs.fp32_out, "candidate": train_runs.int8_out}, images, ResizePolicy())
+    labels = list(TRAIN_CLASSES)
+    verdict = decide(images["label"].tolist(), [predictions["baseline"][p] for p in images["path"]],
+                     [predictions["candidate"][p] for p in images["path"]], labels, labels, GateConfig(max_class_drop=1.0))
+
+    assert verdict["images"] == len(images)
+    assert verdict["candidateAccuracy"] == pytest.approx(train_runs.int8_evaluation["int8"]["accuracy"])
+    assert verdict["baselineAccuracy"] == pytest.approx(train_runs.fp32_evaluation["fp32"]["accuracy"])
+    assert not (train_runs.int8_out / "model-").exists()
+    assert sorted(p.name for p in train_runs.int8_out.glob("model*.onnx")) == ["model.onnx"]
