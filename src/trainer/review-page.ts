@@ -83,7 +83,7 @@ figure { margin: 0; background: #000; display: flex; align-items: center; justif
 button { font: inherit; font-size: 1.2rem; min-height: 4rem; padding: 0.5rem 1rem; border-radius: 0.5rem; border: 2px solid #1f2937; background: #fff; cursor: pointer; touch-action: manipulation; }
 button:disabled { opacity: 0.5; cursor: wait; }
 button:focus-visible, input:focus-visible { outline: 3px solid #f59e0b; outline-offset: 2px; }
-.class-buttons { display: grid; grid-template-columns: repeat(auto-fill, minmax(10rem, 1fr)); gap: 0.75rem; }
+.class-buttons { display: grid; grid-template-columns: repeat(auto-fill, minmax(12rem, 1fr)); gap: 0.75rem; }
 .class-buttons button { background: #dbeafe; font-weight: 600; }
 .class-buttons button.predicted { border-color: #2563eb; border-width: 4px; }
 kbd { display: inline-block; min-width: 1.5rem; margin-left: 0.4rem; padding: 0 0.3rem; border: 1px solid #6b7280; border-radius: 0.25rem; font-size: 0.9rem; background: #f9fafb; }

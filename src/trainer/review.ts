@@ -334,6 +334,14 @@ export class ReviewServer {
       this.serveStatic(response, file.type, file.body);
       return;
     }
+    if (path === "/favicon.ico") {
+      // Browsers request it for every page; 204 keeps a 404 out of the console.
+      allow("GET");
+      response.statusCode = 204;
+      response.setHeader("Cache-Control", "max-age=86400");
+      response.end();
+      return;
+    }
     const image = IMAGE_ROUTE.exec(path);
     if (image !== null) {
       allow("GET");
