@@ -6,7 +6,7 @@
  * committed label survives power loss on a disk that honours fsync) and
  * `examples/<first two hex digits>/<sha256>.jpg`. Each image is written to a temporary file, synced
  * and renamed before its row is inserted, so every row has a complete image file. A crash between the
- * two steps leaves an image without a row, which the next `add` of the same bytes reuses.
+ * two steps leaves an image without a row, which the next `add` of the same bytes overwrites.
  */
 import { randomBytes, createHash } from "node:crypto";
 import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, renameSync, rmSync, writeSync } from "node:fs";

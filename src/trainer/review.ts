@@ -144,6 +144,16 @@ function optionalReviewer(value: unknown, fallback: string): string {
   return value;
 }
 
+/** Parses the request target. Only the path and query are used, so any host in it is ignored. */
+function parseRequestUrl(request: IncomingMessage): URL {
+  const target = request.url ?? "/";
+  try {
+    return new URL(target.startsWith("/") ? `http://localhost${target}` : target);
+  } catch {
+    throw new HttpError(400, "invalid request target");
+  }
+}
+
 function sendJson(response: ServerResponse, status: number, body: unknown): void {
   const text = `${JSON.stringify(body)}\n`;
   response.statusCode = status;
@@ -250,9 +260,10 @@ export class ReviewServer {
   }
 
   private async handle(request: IncomingMessage, response: ServerResponse): Promise<void> {
-    const url = new URL(request.url ?? "/", "http://localhost");
+    let url = new URL("http://localhost/");
     try {
       response.setHeader("X-Content-Type-Options", "nosniff");
+      url = parseRequestUrl(request);
       if (url.pathname === "/login") {
         this.login(request, response, url);
         return;

@@ -452,6 +452,10 @@ describe("Catalogue", () => {
     });
 
     it("uses WAL with synchronous FULL", () => {
+      // synchronous is a per-connection setting, so it is read from the catalogue's own connection.
+      const connection = (catalogue as unknown as { db: Database.Database }).db;
+      expect(connection.pragma("synchronous", { simple: true })).toBe(2);
+
       const db = new Database(catalogue.file, { readonly: true });
       try {
         expect(db.pragma("journal_mode", { simple: true })).toBe("wal");

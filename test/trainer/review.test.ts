@@ -1,3 +1,5 @@
+import { request as httpRequest } from "node:http";
+
 import { pino } from "pino";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 
@@ -154,6 +156,23 @@ describe("ReviewServer", () => {
       expect(response.status).toBe(404);
       expect(body.error).not.toContain("SQLite");
     });
+
+    it.each(["/examples/../catalogue.db", `/examples/../examples/${"0".repeat(64)}.jpg`, "/examples/%2e%2e%2fcatalogue.db", "//examples/x.jpg"])(
+      "answers 404 for the raw path %s",
+      async (rawPath) => {
+        // node:http sends the path as given, while fetch would normalize the dot segments first.
+        const status = await new Promise<number>((resolve, reject) => {
+          const request = httpRequest({ host: "127.0.0.1", port: context.server.port, path: rawPath }, (response) => {
+            response.resume();
+            resolve(response.statusCode ?? 0);
+          });
+          request.on("error", reject);
+          request.end();
+        });
+
+        expect(status).toBe(404);
+      },
+    );
 
     it("labels, discards and unlabels", async () => {
       const [a, b] = context.shas;
