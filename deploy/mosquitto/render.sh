@@ -14,9 +14,10 @@ Usage: render.sh [OPTIONS] PKI_DIR INVENTORY OUT_DIR
   --data-dir DIR    persistence folder (default /var/lib/mosquitto)
   --log-file FILE   log file (default /var/log/mosquitto/mosquitto.log)
   --user NAME       user that a broker started as root switches to (default mosquitto)
+  --conf-dir DIR    absolute path where the files will be installed on the broker host,
+                    written into sortline.conf (default: the absolute path of OUT_DIR)
 
 OUT_DIR receives sortline.conf, acl, ca.crt, ca.crl, broker.crt and broker.key (mode 600).
-The placeholder @CONF_DIR@ in the template becomes the absolute path of OUT_DIR.
 EOF
 }
 
@@ -31,6 +32,7 @@ bind_address=""
 data_dir=/var/lib/mosquitto
 log_file=/var/log/mosquitto/mosquitto.log
 user=mosquitto
+conf_dir=""
 
 while (($# > 0)); do
   case "$1" in
@@ -39,6 +41,7 @@ while (($# > 0)); do
     --data-dir) data_dir="${2:?--data-dir requires a value}"; shift 2 ;;
     --log-file) log_file="${2:?--log-file requires a value}"; shift 2 ;;
     --user) user="${2:?--user requires a value}"; shift 2 ;;
+    --conf-dir) conf_dir="${2:?--conf-dir requires a value}"; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     --) shift; break ;;
     -*) usage >&2; die "unknown option $(printf '%q' "$1")" ;;
@@ -52,25 +55,29 @@ pki_dir="$1" inventory="$2" out_dir="$3"
 [[ -z "$bind_address" || "$bind_address" =~ ^[0-9A-Za-z.:-]+$ ]] || die "invalid bind address $(printf '%q' "$bind_address")"
 [[ "$user" =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] || die "invalid user name $(printf '%q' "$user")"
 # Paths end up in the configuration file, where Mosquitto splits values at whitespace.
-for path in "$data_dir" "$log_file" "$out_dir"; do
+for path in "$data_dir" "$log_file" "$out_dir" ${conf_dir:+"$conf_dir"}; do
   [[ "$path" =~ ^[A-Za-z0-9._/+-]+$ ]] || die "invalid path $(printf '%q' "$path"): use letters, digits and . _ / + - only"
 done
 for file in ca.crt ca.crl broker/broker.crt broker/broker.key; do
   [[ -f "$pki_dir/$file" ]] || die "$pki_dir/$file not found: run pki.sh init and pki.sh broker first"
 done
+[[ -z "$conf_dir" || "$conf_dir" == /* ]] || die "invalid --conf-dir $(printf '%q' "$conf_dir"): expected an absolute path"
 
 mkdir -p "$out_dir"
-conf_dir="$(cd "$out_dir" && pwd)"
+out_dir="$(cd "$out_dir" && pwd)"
+conf_dir="${conf_dir:-$out_dir}"
+conf_dir="${conf_dir%/}"
 
 # The ACL is written in full before it replaces the old one, so a failed run leaves the
 # previous ACL in place.
-"$script_dir/../pki.sh" acl "$pki_dir" "$inventory" >"$conf_dir/acl.partial"
-install -m 644 "$pki_dir/ca.crt" "$conf_dir/ca.crt"
-install -m 644 "$pki_dir/ca.crl" "$conf_dir/ca.crl"
-install -m 644 "$pki_dir/broker/broker.crt" "$conf_dir/broker.crt"
-install -m 600 "$pki_dir/broker/broker.key" "$conf_dir/broker.key"
-chmod 644 "$conf_dir/acl.partial"
-mv -f "$conf_dir/acl.partial" "$conf_dir/acl"
+trap 'rm -f "$out_dir/acl.partial"' EXIT
+"$script_dir/../pki.sh" acl "$pki_dir" "$inventory" >"$out_dir/acl.partial"
+install -m 644 "$pki_dir/ca.crt" "$out_dir/ca.crt"
+install -m 644 "$pki_dir/ca.crl" "$out_dir/ca.crl"
+install -m 644 "$pki_dir/broker/broker.crt" "$out_dir/broker.crt"
+install -m 600 "$pki_dir/broker/broker.key" "$out_dir/broker.key"
+chmod 644 "$out_dir/acl.partial"
+mv -f "$out_dir/acl.partial" "$out_dir/acl"
 
 sed -e "s|@PORT@|$port|g" \
   -e "s|@BIND_ADDRESS@|$bind_address|g" \
@@ -79,6 +86,6 @@ sed -e "s|@PORT@|$port|g" \
   -e "s|@LOG_FILE@|$log_file|g" \
   -e "s|@USER@|$user|g" \
   -e 's|[[:space:]]*$||' \
-  "$script_dir/sortline.conf" >"$conf_dir/sortline.conf"
+  "$script_dir/sortline.conf" >"$out_dir/sortline.conf"
 
-echo "wrote $conf_dir/sortline.conf, the ACL and the certificates"
+echo "wrote $out_dir/sortline.conf, the ACL and the certificates for installation in $conf_dir"
