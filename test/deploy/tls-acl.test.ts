@@ -83,6 +83,8 @@ function deviceIdentity(site: string, device: string, root = pkiDir): Identity {
 async function startBroker(): Promise<void> {
   const child = spawn(MOSQUITTO_BINARY, ["-c", path.join(confDir, "sortline.conf")], { stdio: "ignore" });
   broker = child;
+  // Stops the broker when the test process exits without running afterAll.
+  process.once("exit", () => child.kill("SIGTERM"));
   const deadline = Date.now() + 10_000;
   const startedBefore = existsSync(logFile) ? readFileSync(logFile, "utf8").split(" running").length : 1;
   for (;;) {
