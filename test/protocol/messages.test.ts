@@ -11,7 +11,7 @@ import {
 
 const SHA = "a".repeat(64);
 
-function errorOf<T>(result: Decoded<T>): string {
+function errorOf(result: Decoded<unknown>): string {
   expect(result.ok).toBe(false);
   return result.ok ? "" : result.error;
 }

@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { copyFile, mkdir, readdir, readFile } from "node:fs/promises";
+import { copyFile, cp, mkdir, readdir, readFile } from "node:fs/promises";
 import path from "node:path";
 
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
@@ -252,6 +252,46 @@ describe.each(BROKERS)("transfers on $name", ({ protocolVersion, start }) => {
     expect(second.stats.transfersCompleted).toBe(1);
     expect((await readFile(stored[0]!.file)).equals(data)).toBe(true);
   });
+
+  it("resumes after a receiver crash", async () => {
+    const agent = await openAgent("cam-1");
+    const firstTrainer = await openTrainer();
+    const first = await startReceiver(firstTrainer);
+    const data = randomBytes(2 * MB);
+    let haveAtCrash: ChunkRange[] | undefined;
+    let crash: Promise<TransferReceiver> | undefined;
+
+    const result = await makeSender(agent).send({
+      ...upload("cam-1"),
+      transferId: "ex-crash",
+      kind: "hard-example",
+      name: "big.bin",
+      data,
+      chunkSize: 16_384,
+      window: 4,
+      ackTimeoutMs: 1_000,
+      onProgress: ({ acknowledged, chunks, have }) => {
+        if (!crash && acknowledged >= chunks / 3) {
+          haveAtCrash = have;
+          crash = (async () => {
+            // Drop the connection without a DISCONNECT and copy the state folder as it is on disk
+            // at that moment. The copy is what a restarted process would find after a crash.
+            firstTrainer.mqttClient!.end(true);
+            await cp(path.join(temp.dir, "receiver"), path.join(temp.dir, "after-crash"), { recursive: true });
+            return startReceiver(await openTrainer(), { dir: path.join(temp.dir, "after-crash") });
+          })();
+        }
+      },
+    });
+    const second = await crash!;
+
+    const ackedBeforeCrash = indicesOf(haveAtCrash!);
+    expect(ackedBeforeCrash.length).toBeLessThan(result.chunks);
+    expect(ackedBeforeCrash.map((index) => result.sendCounts[index])).toEqual(ackedBeforeCrash.map(() => 1));
+    expect(second.stats.transfersCompleted).toBe(1);
+    expect(first.stats.transfersCompleted).toBe(0);
+    expect((await readFile(stored[0]!.file)).equals(data)).toBe(true);
+  });
 });
 
 describe("transfer checks on Mosquitto", () => {
@@ -481,5 +521,24 @@ describe("transfer checks on Mosquitto", () => {
       [2, 2],
     ]);
     expect(state.begin.transferId).toBe("disk");
+  });
+
+  it("stale partial transfer is deleted", async () => {
+    const staleDevice = "line-stale";
+    const staleTopic = deviceTopic(SITE, staleDevice, "down/data");
+    const staleDir = path.join(temp.dir, "stale");
+    const staleAgent = await pool.open({ url: broker.url, role: "agent", site: SITE, device: staleDevice });
+    const stale = new TransferReceiver({ link: staleAgent, dataTopic: staleTopic, dir: staleDir, maxBytes: MB, staleAfterMs: 300, onComplete: async () => {} });
+    await stale.start();
+
+    try {
+      await trainer.publish(staleTopic, encodeFrame(beginFor(Buffer.alloc(4096), { transferId: "abandoned" })));
+      await waitFor(() => stale.activeTransfers === 1, "the transfer to start");
+
+      await waitFor(() => stale.activeTransfers === 0, "the sweep", 5_000);
+      expect(await readdir(path.join(staleDir, "active"))).toEqual([]);
+    } finally {
+      await stale.close();
+    }
   });
 });
