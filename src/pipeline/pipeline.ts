@@ -6,6 +6,7 @@ import type { AgentMetrics } from "../health/metrics.js";
 import type { ModelRunner } from "../inference/runner.js";
 import { describeError } from "../lib/errors.js";
 import { silentLogger, type Logger } from "../lib/log.js";
+import type { PreprocessPolicy } from "../models/manifest.js";
 import { prepareImage } from "../preprocess/image.js";
 import { DropOldestQueue } from "./queue.js";
 
@@ -14,7 +15,32 @@ export interface AuditSink {
   recordBatch(records: readonly DecisionRecord[]): void;
 }
 
+/** One frame the model scored, as the observer receives it. */
+export interface ScoredFrame {
+  /** The frame as the source sent it; `frame.data` contains the encoded image (JPEG for cameras). */
+  frame: Frame;
+  /** Model input: crop height x width x 3 RGB bytes. */
+  pixels: Buffer;
+  /** The audited decision. */
+  record: DecisionRecord;
+  probabilities: Float32Array;
+  embedding: Float32Array;
+  /** Labels of the model, in the order of `probabilities`. */
+  labels: readonly string[];
+  model: { name: string; version: string; sha256: string };
+}
+
+/** Receives the scored frames of each batch after the batch was audited and sent to the actuators. */
+export interface PipelineObserver {
+  /**
+   * Runs synchronously in the inference loop, so the next batch waits for it; keep it short.
+   * The pipeline logs a thrown error or a rejected promise and goes on.
+   */
+  onScored(entries: readonly ScoredFrame[]): void | Promise<void>;
+}
+
 export interface PipelineOptions {
+  /** The model at start; swapModel replaces it and the policy. */
   runner: ModelRunner;
   policy: DecisionPolicy;
   device: { id: string; site: string };
@@ -34,11 +60,15 @@ export interface PipelineOptions {
   logger?: Logger;
   /** Called for every decision after it was audited and sent. */
   onDecision?: (record: DecisionRecord) => void;
+  /** Receives the frames the model scored, once per batch, after onDecision. */
+  observer?: PipelineObserver;
 }
 
 interface DecodedFrame {
   frame: Frame;
   pixels?: Buffer;
+  /** Preprocessing the pixels were made with; it changes when a model swap changes it. */
+  preprocess: PreprocessPolicy;
   error?: string;
   decodeStartedAt: number;
   decodedAt: number;
@@ -52,7 +82,17 @@ export interface PipelineStats {
   batches: number;
   auditFailures: number;
   auditDropped: number;
+  /** Frames dropped because the pipeline was paused; they also count in `dropped`. */
+  pausedDrops: number;
+  /** Batches whose observer threw or rejected. */
+  observerErrors: number;
   lastDecisionAt: number | undefined;
+}
+
+/** The model and decision policy that decide one batch. */
+interface ActiveModel {
+  runner: ModelRunner;
+  policy: DecisionPolicy;
 }
 
 /**
@@ -63,6 +103,9 @@ export interface PipelineStats {
  * before any of its decisions reaches an actuator, so a decision that was sent is in the audit.
  * The exception is a period of failing audit writes (a full disk, say). The line keeps moving
  * then, and the records wait in memory (bounded) until the store accepts writes again.
+ *
+ * `swapModel` replaces the model between batches: each batch reads the model and policy once
+ * when it starts, so no batch mixes two models.
  */
 export class Pipeline {
   private readonly input: DropOldestQueue<Frame>;
@@ -75,11 +118,76 @@ export class Pipeline {
   private loop: Promise<void> | undefined;
   private pendingAudit: DecisionRecord[] = [];
   private lastAuditErrorLog = 0;
-  readonly stats: PipelineStats = { received: 0, dropped: 0, decided: 0, errors: 0, batches: 0, auditFailures: 0, auditDropped: 0, lastDecisionAt: undefined };
+  private lastObserverErrorLog = 0;
+  private model: ActiveModel;
+  private activeBatch: Promise<void> | undefined;
+  private isPaused = false;
+  readonly stats: PipelineStats = {
+    received: 0,
+    dropped: 0,
+    decided: 0,
+    errors: 0,
+    batches: 0,
+    auditFailures: 0,
+    auditDropped: 0,
+    pausedDrops: 0,
+    observerErrors: 0,
+    lastDecisionAt: undefined,
+  };
 
   constructor(private readonly options: PipelineOptions) {
     this.input = new DropOldestQueue(options.queueSize);
     this.logger = options.logger ?? silentLogger;
+    this.model = { runner: options.runner, policy: options.policy };
+  }
+
+  /** The model that decides the next batch. */
+  get runner(): ModelRunner {
+    return this.model.runner;
+  }
+
+  /** True while frames are dropped on arrival; see pause(). */
+  get paused(): boolean {
+    return this.isPaused;
+  }
+
+  /**
+   * Drops every frame submitted from now on, counted as reason "paused". Frames accepted before
+   * the call are still decided.
+   */
+  pause(): void {
+    if (!this.isPaused) {
+      this.isPaused = true;
+      this.logger.info({}, "pipeline paused; new frames are dropped");
+    }
+  }
+
+  /** Accepts frames again after pause(). */
+  resume(): void {
+    if (this.isPaused) {
+      this.isPaused = false;
+      this.logger.info({ pausedDrops: this.stats.pausedDrops }, "pipeline resumed");
+    }
+  }
+
+  /**
+   * Makes `runner` and `policy` decide every batch that starts after this call. A batch in
+   * inference keeps the previous model. Resolves with the previous runner once no batch uses it,
+   * so the caller may release it then. Frames decoded for a different preprocessing are decoded
+   * again before inference.
+   */
+  async swapModel(runner: ModelRunner, policy: DecisionPolicy): Promise<ModelRunner> {
+    const previous = this.model.runner;
+    const inFlight = this.activeBatch;
+    this.model = { runner, policy };
+    const { name, version, file } = runner.manifest;
+    this.options.metrics?.setModel({ name, version, sha256: file.sha256, provider: runner.provider });
+    this.logger.info(
+      { model: name, modelVersion: version, modelSha256: file.sha256, previousVersion: previous.manifest.version },
+      "model swapped; the next batch uses it",
+    );
+    await inFlight;
+    return previous;
   }
 
   /** Audit records held in memory because the store rejected them. */
@@ -99,6 +207,12 @@ export class Pipeline {
     }
     this.stats.received++;
     this.options.metrics?.frameReceived(frame.source);
+    if (this.isPaused) {
+      this.stats.dropped++;
+      this.stats.pausedDrops++;
+      this.options.metrics?.frameDropped(frame.source, "paused");
+      return;
+    }
     const dropped = this.input.push(frame);
     if (dropped) {
       this.stats.dropped++;
@@ -143,11 +257,12 @@ export class Pipeline {
 
   private async decode(frame: Frame): Promise<DecodedFrame> {
     const decodeStartedAt = Date.now();
+    const preprocess = this.model.runner.manifest.preprocess;
     try {
-      const prepared = await prepareImage(frame.data, this.options.runner.manifest.preprocess);
-      return { frame, pixels: prepared.pixels, decodeStartedAt, decodedAt: Date.now() };
+      const prepared = await prepareImage(frame.data, preprocess);
+      return { frame, pixels: prepared.pixels, preprocess, decodeStartedAt, decodedAt: Date.now() };
     } catch (error) {
-      return { frame, error: describeError(error), decodeStartedAt, decodedAt: Date.now() };
+      return { frame, error: describeError(error), preprocess, decodeStartedAt, decodedAt: Date.now() };
     }
   }
 
@@ -188,18 +303,23 @@ export class Pipeline {
       }
       const batch = this.ready.splice(0, maxBatch);
       this.pumpDecode();
-      await this.runBatch(batch);
+      this.activeBatch = this.runBatch(batch);
+      await this.activeBatch;
+      this.activeBatch = undefined;
     }
   }
 
   private async runBatch(batch: DecodedFrame[]): Promise<void> {
+    const model = this.model;
+    await this.redecodeForModel(batch, model.runner.manifest.preprocess);
     const good = batch.filter((entry) => entry.pixels !== undefined);
     const inferenceStart = Date.now();
     let probabilities: Float32Array[] = [];
+    let embeddings: Float32Array[] = [];
     let inferenceError: string | undefined;
     if (good.length > 0) {
       try {
-        probabilities = (await this.options.runner.run(good.map((entry) => entry.pixels!))).probabilities;
+        ({ probabilities, embeddings } = await model.runner.run(good.map((entry) => entry.pixels!)));
       } catch (error) {
         inferenceError = `inference failed: ${describeError(error)}`;
         this.logger.error({ err: inferenceError, batch: good.length }, "inference failed; frames go to the reject bin");
@@ -207,18 +327,94 @@ export class Pipeline {
     }
     const inferenceMs = Date.now() - inferenceStart;
     this.options.metrics?.observeBatchSize(good.length);
-    const records = batch.map((entry) => this.record(entry, probabilities[good.indexOf(entry)], inferenceError, inferenceMs));
+    const records = batch.map((entry) => this.record(model, entry, probabilities[good.indexOf(entry)], inferenceError, inferenceMs));
     this.stats.batches++;
     this.audit(records);
-    this.actuate(records);
+    this.actuate(model, records);
+    this.notifyObserver(model, batch, records, probabilities, embeddings, good);
   }
 
-  private record(entry: DecodedFrame, scores: Float32Array | undefined, inferenceError: string | undefined, inferenceMs: number): DecisionRecord {
+  /** Decodes again the frames whose pixels were made for another preprocessing than `preprocess`. */
+  private async redecodeForModel(batch: DecodedFrame[], preprocess: PreprocessPolicy): Promise<void> {
+    const stale = batch.filter((entry) => entry.pixels !== undefined && entry.preprocess !== preprocess);
+    if (stale.length === 0) {
+      return;
+    }
+    const key = JSON.stringify(preprocess);
+    await Promise.all(
+      stale.map(async (entry) => {
+        if (JSON.stringify(entry.preprocess) === key) {
+          entry.preprocess = preprocess;
+          return;
+        }
+        const decodeStartedAt = Date.now();
+        try {
+          entry.pixels = (await prepareImage(entry.frame.data, preprocess)).pixels;
+        } catch (error) {
+          entry.pixels = undefined;
+          entry.error = describeError(error);
+        }
+        entry.preprocess = preprocess;
+        entry.decodedAt += Date.now() - decodeStartedAt;
+      }),
+    );
+  }
+
+  private notifyObserver(
+    model: ActiveModel,
+    batch: DecodedFrame[],
+    records: DecisionRecord[],
+    probabilities: Float32Array[],
+    embeddings: Float32Array[],
+    good: DecodedFrame[],
+  ): void {
+    const observer = this.options.observer;
+    if (!observer || probabilities.length === 0) {
+      return;
+    }
+    const { name, version, file, labels } = model.runner.manifest;
+    const modelInfo = { name, version, sha256: file.sha256 };
+    const entries: ScoredFrame[] = [];
+    batch.forEach((entry, index) => {
+      const position = good.indexOf(entry);
+      const scores = probabilities[position];
+      const embedding = embeddings[position];
+      if (position < 0 || scores === undefined || embedding === undefined) {
+        return;
+      }
+      entries.push({ frame: entry.frame, pixels: entry.pixels!, record: records[index]!, probabilities: scores, embedding, labels, model: modelInfo });
+    });
+    if (entries.length === 0) {
+      return;
+    }
+    try {
+      Promise.resolve(observer.onScored(entries)).catch((error: unknown) => this.observerFailed(error, entries.length));
+    } catch (error) {
+      this.observerFailed(error, entries.length);
+    }
+  }
+
+  private observerFailed(error: unknown, frames: number): void {
+    this.stats.observerErrors++;
+    const now = Date.now();
+    if (now - this.lastObserverErrorLog > 10_000) {
+      this.lastObserverErrorLog = now;
+      this.logger.error({ err: describeError(error), frames, observerErrors: this.stats.observerErrors }, "pipeline observer failed; decisions continue");
+    }
+  }
+
+  private record(
+    model: ActiveModel,
+    entry: DecodedFrame,
+    scores: Float32Array | undefined,
+    inferenceError: string | undefined,
+    inferenceMs: number,
+  ): DecisionRecord {
     const { frame } = entry;
-    const manifest = this.options.runner.manifest;
+    const manifest = model.runner.manifest;
     const decidedAt = Date.now();
     const error = entry.error ?? (scores === undefined ? inferenceError ?? "no scores" : null);
-    const decision = scores ? this.options.policy.decide(scores) : undefined;
+    const decision = scores ? model.policy.decide(scores) : undefined;
     return {
       frameId: frame.id,
       source: frame.source,
@@ -230,7 +426,7 @@ export class Pipeline {
       top: decision?.top ?? [],
       label: decision?.label ?? null,
       confidence: decision?.confidence ?? null,
-      bin: decision?.bin ?? this.rejectBin(),
+      bin: decision?.bin ?? model.policy.rejectBinName,
       reason: decision ? decision.reason : "error",
       latency: {
         queueMs: entry.decodeStartedAt - frame.capturedAt,
@@ -241,10 +437,6 @@ export class Pipeline {
       error,
       truth: frame.label ?? null,
     };
-  }
-
-  private rejectBin(): string {
-    return this.options.policy.rejectBinName;
   }
 
   private audit(records: DecisionRecord[]): void {
@@ -280,8 +472,9 @@ export class Pipeline {
     }
   }
 
-  private actuate(records: DecisionRecord[]): void {
-    const { device, deadlineMs, metrics, runner } = this.options;
+  private actuate(model: ActiveModel, records: DecisionRecord[]): void {
+    const { device, deadlineMs, metrics } = this.options;
+    const { runner } = model;
     const messages: ActuatorMessage[] = records.map((record) => ({
       frameId: record.frameId,
       source: record.source,

@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { readdirSync, readFileSync } from "node:fs";
+import { readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -11,7 +11,9 @@ import type { Frame } from "../../src/capture/types.js";
 import type { Actuator, ActuatorMessage } from "../../src/decision/actuators.js";
 import { DecisionPolicy, type DecisionSettings } from "../../src/decision/policy.js";
 import { ModelRunner } from "../../src/inference/runner.js";
-import { Pipeline, type PipelineOptions } from "../../src/pipeline/pipeline.js";
+import type { ModelManifest } from "../../src/models/manifest.js";
+import { Pipeline, type PipelineObserver, type PipelineOptions, type ScoredFrame } from "../../src/pipeline/pipeline.js";
+import { prepareImage } from "../../src/preprocess/image.js";
 import { makeRecord, makeTempDir } from "../audit/helpers.js";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
@@ -424,5 +426,240 @@ describe("Pipeline while audit writes fail", () => {
     expect(audited.has(held[0]!)).toBe(false);
     expect(audited.has(held[1]!)).toBe(true);
     expect(audited.has(held[2]!)).toBe(true);
+  });
+});
+
+/** Records every batch the pipeline reports, with what the audit and actuator had at that moment. */
+class RecordingObserver implements PipelineObserver {
+  readonly batches: ScoredFrame[][] = [];
+  /** Per batch: frame ids that the actuator or the audit lacked when onScored ran. */
+  readonly notYetSent: string[] = [];
+  readonly notYetAudited: string[] = [];
+
+  constructor(
+    private readonly store: AuditStore,
+    private readonly actuator: RecordingActuator,
+  ) {}
+
+  get entries(): ScoredFrame[] {
+    return this.batches.flat();
+  }
+
+  onScored(entries: readonly ScoredFrame[]): void {
+    const sent = new Set(this.actuator.messages.map((message) => message.frameId));
+    const audited = auditedIds(this.store);
+    for (const entry of entries) {
+      if (!sent.has(entry.frame.id)) {
+        this.notYetSent.push(entry.frame.id);
+      }
+      if (!audited.has(entry.frame.id)) {
+        this.notYetAudited.push(entry.frame.id);
+      }
+    }
+    this.batches.push([...entries]);
+  }
+}
+
+/**
+ * Writes a model package to `dir` that runs the default model's file under another version and
+ * resize short side, so that tests can distinguish the decisions and inputs of the two packages.
+ */
+function writeSecondPackage(dir: string): void {
+  const source = path.join(root, "models", "default");
+  const manifest = JSON.parse(readFileSync(path.join(source, "manifest.json"), "utf8")) as ModelManifest;
+  manifest.version = "1.0.1-swap";
+  // The demo photos have a short side of 256 px already, so the default package does not resize them.
+  manifest.preprocess.resize.shortSide = 288;
+  writeFileSync(path.join(dir, "manifest.json"), JSON.stringify(manifest));
+  symlinkSync(path.join(source, manifest.file.name), path.join(dir, manifest.file.name));
+}
+
+describe("Pipeline observer, model swap and pause", () => {
+  let temp: ReturnType<typeof makeTempDir>;
+  let store: AuditStore;
+  let actuator: RecordingActuator;
+  const start = (overrides: Partial<PipelineOptions> = {}): Pipeline => startPipeline(store, actuator, overrides);
+
+  beforeEach(() => {
+    temp = makeTempDir("pipeline-observer");
+    store = AuditStore.open(path.join(temp.dir, "audit.db"));
+    actuator = new RecordingActuator(store);
+  });
+
+  afterEach(async () => {
+    await Promise.all(pipelines.splice(0).map((pipeline) => pipeline.stop()));
+    store.close();
+    temp.remove();
+  });
+
+  it("reports scored frames after audit and actuation", async () => {
+    const observer = new RecordingObserver(store, actuator);
+    const pipeline = start({ maxBatch: 2, observer });
+    const frames = photos.map((photo, index) => makeFrame(`observed-${index}`, photo.data, photo.label));
+    const corrupt = makeFrame("observed-corrupt", randomBytes(256));
+
+    for (const frame of [...frames, corrupt]) {
+      pipeline.submit(frame);
+    }
+    await pipeline.stop();
+
+    const entries = new Map(observer.entries.map((entry) => [entry.frame.id, entry]));
+    expect([...entries.keys()].sort()).toEqual(frames.map((frame) => frame.id).sort());
+    expect(observer.notYetSent).toEqual([]);
+    expect(observer.notYetAudited).toEqual([]);
+    const [, height, width] = runner.manifest.input.shape;
+    for (const frame of frames) {
+      const entry = entries.get(frame.id)!;
+      expect(entry.frame.data).toBe(frame.data);
+      expect(entry.pixels).toHaveLength(height * width * 3);
+      expect(entry.probabilities).toHaveLength(runner.manifest.labels.length);
+      expect(entry.embedding).toHaveLength(2048);
+      expect(entry.labels).toEqual(runner.manifest.labels);
+      expect(entry.model).toEqual({ name: runner.manifest.name, version: runner.manifest.version, sha256: runner.manifest.file.sha256 });
+      expect(entry.record.frameId).toBe(frame.id);
+      expect(entry.record.label).toBe(entry.labels[entry.probabilities.indexOf(Math.max(...entry.probabilities))]);
+    }
+  });
+
+  it("keeps deciding when the observer fails", async () => {
+    let calls = 0;
+    const observer: PipelineObserver = {
+      onScored: () => {
+        calls++;
+        if (calls % 2 === 1) {
+          throw new Error("observer broke");
+        }
+        return Promise.reject(new Error("observer rejected"));
+      },
+    };
+    const pipeline = start({ maxBatch: 1, decodeConcurrency: 1, observer });
+    const frames = photos.slice(0, 4).map((photo, index) => makeFrame(`failing-observer-${index}`, photo.data, photo.label));
+
+    for (const frame of frames) {
+      pipeline.submit(frame);
+    }
+    await pipeline.stop();
+    await new Promise((resolve) => setImmediate(resolve));
+
+    expect(actuator.messages).toHaveLength(frames.length);
+    expect(auditedIds(store)).toEqual(new Set(frames.map((frame) => frame.id)));
+    expect(calls).toBe(frames.length);
+    expect(pipeline.stats.observerErrors).toBe(frames.length);
+  });
+
+  it("drops frames while paused", async () => {
+    const pipeline = start({ maxBatch: 2 });
+
+    pipeline.pause();
+    expect(pipeline.paused).toBe(true);
+    for (const [index, photo] of photos.slice(0, 3).entries()) {
+      pipeline.submit(makeFrame(`paused-${index}`, photo.data, photo.label));
+    }
+    expect(pipeline.depth).toBe(0);
+    pipeline.resume();
+    expect(pipeline.paused).toBe(false);
+    pipeline.submit(makeFrame("resumed", photos[3]!.data, photos[3]!.label));
+    await pipeline.stop();
+
+    expect(pipeline.stats.received).toBe(4);
+    expect(pipeline.stats.pausedDrops).toBe(3);
+    expect(pipeline.stats.dropped).toBe(3);
+    expect(pipeline.stats.decided).toBe(1);
+    expect(actuator.messages.map((message) => message.frameId)).toEqual(["resumed"]);
+  });
+
+  it("decides frames accepted before pause", async () => {
+    const pipeline = start({ maxBatch: 2 });
+    const frames = photos.slice(0, 3).map((photo, index) => makeFrame(`before-pause-${index}`, photo.data, photo.label));
+
+    for (const frame of frames) {
+      pipeline.submit(frame);
+    }
+    pipeline.pause();
+    await actuator.waitForMessages(frames.length);
+
+    expect(pipeline.stats.pausedDrops).toBe(0);
+    expect(actuator.messages.map((message) => message.frameId).sort()).toEqual(frames.map((frame) => frame.id).sort());
+  });
+
+  describe("swapModel", () => {
+    let second: ModelRunner;
+    let secondPolicy: DecisionPolicy;
+    const SECOND_BINS: Record<string, string> = Object.fromEntries(Object.keys(BINS).map((label) => [label, `b-${label}`]));
+
+    beforeAll(async () => {
+      const dir = path.join(makeTempDir("second-model").dir);
+      writeSecondPackage(dir);
+      second = await ModelRunner.load(dir);
+      const settings: DecisionSettings = { bins: SECOND_BINS, rejectBin: "reject-b", minConfidence: {}, defaultMinConfidence: 0, topK: 3 };
+      secondPolicy = new DecisionPolicy(settings, second.manifest.labels);
+    });
+
+    afterAll(async () => {
+      await second?.release();
+      rmSync(path.dirname(second.pkg.modelPath), { recursive: true, force: true });
+    });
+
+    it("switches between batches without mixing", async () => {
+      const observer = new RecordingObserver(store, actuator);
+      const pipeline = start({ maxBatch: 2, decodeConcurrency: 1, observer });
+      let swapped: Promise<ModelRunner> | undefined;
+      const original = actuator.send.bind(actuator);
+      actuator.send = (messages) => {
+        original(messages);
+        // The swap happens while the first batch is being sent, so later batches use the new model.
+        swapped ??= pipeline.swapModel(second, secondPolicy);
+      };
+      const frames = photos.map((photo, index) => makeFrame(`swap-${index}`, photo.data, photo.label));
+
+      for (const frame of frames) {
+        pipeline.submit(frame);
+      }
+      await pipeline.stop();
+
+      expect(await swapped).toBe(runner);
+      expect(pipeline.runner).toBe(second);
+      const versions = actuator.batches.map((batch) => new Set(batch.map((message) => message.model.version)));
+      for (const batch of versions) {
+        expect(batch.size).toBe(1);
+      }
+      expect([...versions[0]!]).toEqual([runner.manifest.version]);
+      for (const batch of versions.slice(1)) {
+        expect([...batch]).toEqual([second.manifest.version]);
+      }
+      for (const message of actuator.batches.slice(1).flat()) {
+        expect(message.bin).toBe(SECOND_BINS[message.label!]);
+      }
+      const rows = new Map(store.query({ limit: MAX_QUERY_LIMIT }).map((row) => [row.frameId, row]));
+      for (const message of actuator.messages) {
+        expect(rows.get(message.frameId)!.modelVersion).toBe(message.model.version);
+      }
+      for (const batch of observer.batches) {
+        expect(new Set(batch.map((entry) => entry.model.version)).size).toBe(1);
+      }
+    });
+
+    it("decodes again for the new preprocessing", async () => {
+      const observer = new RecordingObserver(store, actuator);
+      const pipeline = start({ maxBatch: 8, observer });
+      const frames = photos.slice(0, 2).map((photo, index) => makeFrame(`redecode-${index}`, photo.data, photo.label));
+
+      // Decoding starts inside submit() with the first model's preprocessing; inference runs after the swap.
+      for (const frame of frames) {
+        pipeline.submit(frame);
+      }
+      const swapped = pipeline.swapModel(second, secondPolicy);
+      await pipeline.stop();
+      await swapped;
+
+      for (const entry of observer.entries) {
+        const before = await prepareImage(entry.frame.data, runner.manifest.preprocess);
+        const after = await prepareImage(entry.frame.data, second.manifest.preprocess);
+        expect(before.pixels.equals(after.pixels)).toBe(false);
+        expect(entry.model.version).toBe(second.manifest.version);
+        expect(entry.pixels.equals(after.pixels)).toBe(true);
+      }
+      expect(observer.entries).toHaveLength(frames.length);
+    });
   });
 });
