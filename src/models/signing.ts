@@ -1,9 +1,10 @@
 import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, sign, verify, type KeyObject } from "node:crypto";
-import { open, readFile } from "node:fs/promises";
+import { createReadStream } from "node:fs";
+import { open, readFile, stat } from "node:fs/promises";
 import path from "node:path";
 
 import { ModelLoadError } from "../lib/errors.js";
-import { readModelPackage, sha256File, verifyModelFile, type ModelPackage } from "./manifest.js";
+import { readModelPackage, type ModelPackage } from "./manifest.js";
 
 /** Name of the signature file inside a model package folder. */
 export const SIGNATURE_FILE = "signature.json";
@@ -34,6 +35,8 @@ export interface PackageSignature {
 export interface KnowledgeEntry {
   file: string;
   sha256: string;
+  /** Size in bytes, checked when present. */
+  bytes?: number;
 }
 
 /** A package whose signature and file hashes were checked. */
@@ -59,6 +62,11 @@ export class UntrustedKeyError extends ModelLoadError {
 export class BadSignatureError extends ModelLoadError {}
 
 const SAFE_FILE_NAME = /^[A-Za-z0-9._-]+$/;
+/**
+ * Read size for hashing. Large reads keep the number of event-loop turns low: while a busy
+ * pipeline runs inference, each turn can wait for a whole batch.
+ */
+const HASH_CHUNK_BYTES = 4 * 1024 * 1024;
 const HEX_SHA256 = /^[0-9a-f]{64}$/;
 const KEY_ID = /^[0-9a-f]{16}$/;
 
@@ -119,7 +127,35 @@ export function knowledgeEntry(pkg: ModelPackage): KnowledgeEntry | undefined {
   if (!HEX_SHA256.test(entry.sha256)) {
     throw new ModelLoadError(`${manifestPath} is invalid: knowledge.sha256 must be 64 lowercase hex digits`);
   }
-  return { file: entry.file, sha256: entry.sha256 };
+  if (entry.bytes !== undefined && !(Number.isSafeInteger(entry.bytes) && entry.bytes >= 0)) {
+    throw new ModelLoadError(`${manifestPath} is invalid: knowledge.bytes must be a non-negative integer`);
+  }
+  return { file: entry.file, sha256: entry.sha256, ...(entry.bytes !== undefined ? { bytes: entry.bytes } : {}) };
+}
+
+/** Returns the size and hex sha256 of a file, or throws ModelLoadError naming `what` when it cannot be read. */
+async function hashFile(file: string, what: string): Promise<{ size: number; sha256: string }> {
+  try {
+    const size = (await stat(file)).size;
+    const hash = createHash("sha256");
+    for await (const chunk of createReadStream(file, { highWaterMark: HASH_CHUNK_BYTES })) {
+      hash.update(chunk as Buffer);
+    }
+    return { size, sha256: hash.digest("hex") };
+  } catch (error) {
+    throw new ModelLoadError(`${what} ${file} not found`, { cause: error });
+  }
+}
+
+/** Checks a file's size (when `bytes` is given) and sha256, with the same messages as verifyModelFile. */
+async function checkFile(file: string, what: string, expected: { sha256: string; bytes?: number }): Promise<void> {
+  const { size, sha256 } = await hashFile(file, what);
+  if (expected.bytes !== undefined && size !== expected.bytes) {
+    throw new ModelLoadError(`${what} ${file} has ${size} bytes; the manifest says ${expected.bytes}`);
+  }
+  if (sha256 !== expected.sha256) {
+    throw new ModelLoadError(`${what} ${file} has sha256 ${sha256}; the manifest says ${expected.sha256}`);
+  }
 }
 
 /**
@@ -129,19 +165,10 @@ export function knowledgeEntry(pkg: ModelPackage): KnowledgeEntry | undefined {
  */
 export async function verifyPackageFiles(dir: string): Promise<ModelPackage> {
   const pkg = await readModelPackage(dir);
-  await verifyModelFile(pkg);
+  await checkFile(pkg.modelPath, "model file", pkg.manifest.file);
   const knowledge = knowledgeEntry(pkg);
   if (knowledge) {
-    const file = path.join(dir, knowledge.file);
-    let actual: string;
-    try {
-      actual = await sha256File(file);
-    } catch (error) {
-      throw new ModelLoadError(`knowledge file ${file} not found`, { cause: error });
-    }
-    if (actual !== knowledge.sha256) {
-      throw new ModelLoadError(`knowledge file ${file} has sha256 ${actual}; the manifest expects ${knowledge.sha256}`);
-    }
+    await checkFile(path.join(dir, knowledge.file), "knowledge file", knowledge);
   }
   return pkg;
 }

@@ -54,7 +54,7 @@ describe("model bundles", () => {
     await packBundleToFile(dir, file);
 
     const index = await readBundleIndex(file);
-    expect(index.map((item) => item.name)).toEqual(["manifest.json", "model.onnx", "signature.json"]);
+    expect(index.map((item) => item.name)).toEqual(["knowledge.json", "manifest.json", "model.onnx", "signature.json"]);
     await unpackBundle(file, target());
     const verified = await verifyPackage(target(), [{ keyId: keys.keyId, publicKeyPem: keys.publicKeyPem }]);
     expect(verified.manifest.name).toBe("sortline-trashnet");

@@ -168,6 +168,16 @@ describe("package signing", () => {
     await expect(verifyPackageFiles(dir)).rejects.toThrow(/knowledge file .* not found/);
   });
 
+  it("checks the knowledge file size when given", async () => {
+    const dir = fakePackage({ knowledge: true });
+    const manifestPath = path.join(dir, "manifest.json");
+    const manifest = JSON.parse(readFileSync(manifestPath, "utf8")) as { knowledge: { bytes?: number } };
+    manifest.knowledge.bytes = 3;
+    writeFileSync(manifestPath, JSON.stringify(manifest));
+    await signPackage(dir, keys.privateKeyPem);
+    await expect(verifyPackage(dir, trusted)).rejects.toThrow(/knowledge file .* has \d+ bytes; the manifest says 3/);
+  });
+
   it("rejects a knowledge entry that is not a plain file name", async () => {
     const dir = fakePackage();
     const manifestPath = path.join(dir, "manifest.json");

@@ -26,6 +26,7 @@ export function writeFakePackage(dir: string, options: { version?: string; model
   manifest.name = "sortline-fake";
   manifest.version = options.version ?? "1.0.0";
   manifest.file = { name: "model.onnx", sha256: createHash("sha256").update(model).digest("hex"), bytes: model.length };
+  delete manifest.knowledge;
   if (options.knowledge) {
     const knowledge = Buffer.from(JSON.stringify({ glass: { recyclable: true } }));
     writeFileSync(path.join(dir, "knowledge.json"), knowledge);
@@ -35,13 +36,19 @@ export function writeFakePackage(dir: string, options: { version?: string; model
   return dir;
 }
 
-/** Copies manifest.json and model.onnx of models/default into `dir`, after `change` edits the manifest. */
+/**
+ * Copies the files that the manifest of models/default names (model and knowledge file) into
+ * `dir`, and writes the manifest after `change` edited it.
+ */
 export function copyDefaultPackage(dir: string, change: (manifest: ModelManifest) => void = () => {}): string {
   mkdirSync(dir, { recursive: true });
-  const manifest = readDefaultManifest();
+  const manifest = readDefaultManifest() as ModelManifest & { knowledge?: { file: string } };
+  const files = [manifest.file.name, ...(manifest.knowledge ? [manifest.knowledge.file] : [])];
   change(manifest);
   writeFileSync(path.join(dir, "manifest.json"), `${JSON.stringify(manifest, null, 2)}\n`);
-  copyFileSync(path.join(defaultModelDir, "model.onnx"), path.join(dir, "model.onnx"));
+  for (const file of files) {
+    copyFileSync(path.join(defaultModelDir, file), path.join(dir, file));
+  }
   return dir;
 }
 
