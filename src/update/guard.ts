@@ -28,7 +28,7 @@ interface BootsFile {
   models: Record<string, BootRecord>;
 }
 
-/** Models whose boot records boots.json keeps; the least recently started ones are dropped first. */
+/** Maximum number of models with records in boots.json. The least recently started ones are dropped first. */
 const MAX_MODELS = 16;
 
 /**
@@ -55,7 +55,7 @@ export class CrashLoopGuard {
     this.logger = options.logger ?? silentLogger;
   }
 
-  /** Reads boots.json; a missing or invalid file counts as no starts, and an invalid one is logged. */
+  /** Reads boots.json. A missing or invalid file counts as no starts, and an invalid one is logged. */
   static async open(stateDir: string, options: CrashLoopOptions = {}): Promise<CrashLoopGuard> {
     const file = path.join(path.resolve(stateDir), "models", "boots.json");
     await mkdir(path.dirname(file), { recursive: true });
@@ -100,7 +100,7 @@ export class CrashLoopGuard {
     return starts;
   }
 
-  /** Records that model `id` ran without trouble; its earlier starts no longer count. */
+  /** Records that model `id` ran without trouble, so its earlier starts no longer count. */
   async markHealthy(id: string): Promise<void> {
     const record = this.record(id);
     record.starts = [];

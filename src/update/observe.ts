@@ -31,7 +31,7 @@ export interface BatchObserver {
   onBatch(batch: ObservedBatch): void;
 }
 
-/** Where the updater attaches observers; the agent forwards each pipeline batch to every attached observer. */
+/** Attachment point for batch observers. The agent forwards each pipeline batch to every attached observer. */
 export interface BatchTap {
   attach(observer: BatchObserver): void;
   detach(observer: BatchObserver): void;

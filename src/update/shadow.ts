@@ -108,7 +108,7 @@ export class ShadowRun implements BatchObserver {
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
   }
 
-  /** Starts the candidate on `batch` unless it is busy or done; never throws and never waits. */
+  /** Starts the candidate on `batch` unless it is busy or done. It returns before the candidate finishes. */
   onBatch(batch: ObservedBatch): void {
     if (this.finished || batch.pixels.length === 0) {
       return;

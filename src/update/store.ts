@@ -40,7 +40,7 @@ export interface ResolvedModel {
   source: "store" | "bundled";
   /** True when the chosen package is not the one active.json points to. */
   fellBack: boolean;
-  /** Why the store's active version was not used, when fellBack is true or active.json is missing. */
+  /** Reason the store's active version was not used, set when fellBack is true or active.json is missing. */
   reason?: string;
   manifest: ModelManifest;
 }
@@ -356,25 +356,25 @@ export class ModelStore {
       ...versions.map((version) => version.id),
     ];
     const protectedIds = new Set(pointer ? [pointer.id, pointer.previous].filter((id): id is string => id !== null) : []);
-    const kept = new Set(protectedIds);
+    const keptIds = new Set(protectedIds);
     for (const id of ranked) {
-      if (kept.size >= keep) {
+      if (keptIds.size >= keep) {
         break;
       }
       if (versions.some((version) => version.id === id)) {
-        kept.add(id);
+        keptIds.add(id);
       }
     }
     const removed: string[] = [];
     for (const version of versions) {
-      if (!kept.has(version.id)) {
+      if (!keptIds.has(version.id)) {
         await this.moveToTrash(version.dir);
         removed.push(version.id);
       }
     }
     await this.emptyTrash();
     if (removed.length) {
-      this.logger.info({ removed, kept: [...kept] }, "model store: pruned old versions");
+      this.logger.info({ removed, kept: [...keptIds] }, "model store: pruned old versions");
     }
     return removed;
   }
@@ -395,10 +395,10 @@ export class ModelStore {
   }
 
   /**
-   * Returns the package the agent should run: the active version if it verifies (signature and
-   * sha256 of every file), else the previous version if it verifies, else the bundled default,
-   * which is checked by sha256 only because it ships with the software. Throws ModelLoadError
-   * when even the bundled default fails its check.
+   * Chooses the package the agent should run. That is the active version if it verifies
+   * (signature and sha256 of every file), else the previous version if it verifies, else the
+   * bundled default. The bundled default is checked by sha256 only, because it ships with the
+   * software. Throws ModelLoadError when even the bundled default fails its check.
    */
   async resolveActive(options: { bundledDefault: string; trustedKeys?: readonly TrustedKey[] }): Promise<ResolvedModel> {
     const trustedKeys = options.trustedKeys ?? this.options.trustedKeys;

@@ -39,7 +39,7 @@ export interface ModelUpdaterOptions {
   trustedKeys: readonly TrustedKey[];
   /** The package that shipped with the software; a rollback with no earlier stored version returns to it. */
   bundledDefault: string;
-  /** Where shadow runs and regression monitors receive the pipeline's batches. */
+  /** Source of the pipeline's batches for shadow runs and regression monitors. */
   tap: BatchTap;
   /**
    * Makes the pipeline decide with `runner` from now on. The callee owns the runner afterwards
@@ -50,7 +50,7 @@ export interface ModelUpdaterOptions {
   activeManifest: () => ModelManifest;
   /** Loads a verified package folder. Default: ModelRunner.load on the CPU without a second sha256 check. */
   load?: (dir: string) => Promise<ModelRunner>;
-  /** Frames to shadow before the decision; 0 skips the shadow run. Default 200. */
+  /** Frames to shadow before the decision, where 0 skips the shadow run. Default 200. */
   shadowFrames?: number;
   /** Time allowed for the shadow run before the package is rejected. Default 10 minutes. */
   shadowTimeoutMs?: number;
@@ -58,7 +58,7 @@ export interface ModelUpdaterOptions {
   maxLatencyRatio?: number;
   /** Stored versions kept after an activation, active and previous included. Default 3. */
   keepVersions?: number;
-  /** Watch of the new model after the switch, with automatic rollback; false turns it off. */
+  /** Watch of the new model after the switch, with automatic rollback. False turns it off. */
   regression?: RegressionSettings | false;
   logger?: Logger;
   /** Called on every status change. */
@@ -254,7 +254,7 @@ export class ModelUpdater {
     }
   }
 
-  /** Activates `id` and swaps the pipeline to `runner`; when the swap fails the pointer goes back. */
+  /** Activates `id` and swaps the pipeline to `runner`. When the swap fails, the pointer goes back. */
   private async switchTo(id: string, runner: ModelRunner): Promise<void> {
     const { store } = this.options;
     const before = await store.readPointer().catch(() => null);
@@ -320,7 +320,7 @@ export class ModelUpdater {
   /**
    * Re-activates the previous verified version (or the bundled default when the store has
    * none), swaps the pipeline to it and resolves with a "rolled-back" status. Throws when the
-   * model cannot be loaded or swapped; the store pointer has changed by then.
+   * model cannot be loaded or swapped, and the store pointer has changed by then.
    */
   async rollback(reason: string): Promise<UpdateStatus> {
     return this.exclusive(() => this.rollbackLocked(reason));

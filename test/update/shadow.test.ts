@@ -46,7 +46,7 @@ class ManualCandidate implements ShadowCandidate {
   }
 }
 
-/** Builds a batch whose frames make the candidate answer `candidateIndexes`, with the active model's labels. */
+/** Builds a batch whose frames make the candidate return the labels at `candidateIndexes`, with the active model's labels. */
 function batch(candidateIndexes: number[], activeLabels: string[], inferenceMs = 10): ObservedBatch {
   return {
     pixels: candidateIndexes.map((index) => Buffer.alloc(FRAME_BYTES, index)),
@@ -59,7 +59,7 @@ const ACTIVE_LABELS = ["glass", "metal", "paper"];
 
 describe("ShadowRun", () => {
   it("reports agreement overall and over shared labels", async () => {
-    // The candidate knows glass, metal and a new class, hdpe, but not paper.
+    // The candidate has the labels glass, metal and a new class, hdpe, but not paper.
     const candidate = new ManualCandidate(["glass", "metal", "hdpe"]);
     const run = new ShadowRun(candidate, { frames: 6, activeLabels: ACTIVE_LABELS });
 

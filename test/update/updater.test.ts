@@ -55,7 +55,7 @@ describe("ModelUpdater", () => {
   let swaps: ModelManifest[];
   let statuses: UpdateStatus[];
 
-  /** Copies the default model as `version`, lets `change` edit the package folder, signs it unless `sign` is false. */
+  /** Copies the default model as `version`, lets `options.manifest` edit its manifest, and signs it unless `options.sign` is false. */
   const makePackage = async (version: string, options: { sign?: boolean; privateKeyPem?: string; manifest?: (manifest: ModelManifest) => void } = {}): Promise<string> => {
     const dir = copyDefaultPackage(path.join(temp.dir, `pkg-${version}-${Math.random().toString(16).slice(2)}`), (manifest) => {
       manifest.version = version;
@@ -86,7 +86,7 @@ describe("ModelUpdater", () => {
       activeManifest: () => current.manifest,
       load,
       shadowFrames: 4,
-      // Both models share two cores here, so the latency ratio says little; these tests check decisions, not speed.
+      // Both models share two cores here, so the latency ratio is noisy. These tests check decisions, not speed.
       maxLatencyRatio: 50,
       regression: false,
       onStatus: (status) => statuses.push(status),
