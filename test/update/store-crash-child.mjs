@@ -14,7 +14,8 @@ const { ModelStore } = await import(storeModuleUrl);
 const { signPackage } = await import(signingModuleUrl);
 
 const keys = JSON.parse(readFileSync(keyFile, "utf8"));
-const template = JSON.parse(readFileSync(templateFile, "utf8"));
+// The packages have no knowledge file, so the entry of the template manifest goes.
+const { knowledge: _knowledge, ...template } = JSON.parse(readFileSync(templateFile, "utf8"));
 const store = await ModelStore.open(stateDir, { trustedKeys: [{ keyId: keys.keyId, publicKeyPem: keys.publicKeyPem }] });
 process.stdout.write("ready\n");
 
