@@ -2,6 +2,7 @@ import { stat } from "node:fs/promises";
 import { parseArgs } from "node:util";
 
 import { Agent } from "../agent/agent.js";
+import { loadWithOverrides } from "../agent/overrides.js";
 import { loadAgentConfig } from "../config/load.js";
 import type { AgentConfig } from "../config/schema.js";
 import { readModelPackage } from "../models/manifest.js";
@@ -74,8 +75,13 @@ export async function runAgent(argv: string[]): Promise<number> {
     return 0;
   }
 
-  const logger = createLogger({ level: config.logging.level, base: { device: config.device.id } });
-  const agent = new Agent({ config, logger });
+  let logger = createLogger({ level: config.logging.level, base: { device: config.device.id } });
+  const loaded = await loadWithOverrides(values.config, config, logger);
+  if (loaded.config !== config) {
+    config = loaded.config;
+    logger = createLogger({ level: config.logging.level, base: { device: config.device.id } });
+  }
+  const agent = new Agent({ config, logger, configFile: values.config, overrides: loaded.overrides });
   const stopped = new Promise<number>((resolve) => {
     let stopping = false;
     const shutdown = (signal: string): void => {

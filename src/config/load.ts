@@ -101,6 +101,21 @@ export function parseAgentConfig(document: unknown, file: string, baseDir: strin
   });
   config.model.dir = config.model.dir ? resolveFrom(baseDir, config.model.dir) : defaultModelDir();
   config.audit.path = resolveFrom(baseDir, config.audit.path);
+  config.update.stateDir = config.update.stateDir ? resolveFrom(baseDir, config.update.stateDir) : path.dirname(config.audit.path);
+  if (config.fleet) {
+    config.fleet.trustedKeys = config.fleet.trustedKeys.map((key) => resolveFrom(baseDir, key));
+    const tls = config.fleet.tls;
+    if (tls) {
+      for (const field of ["ca", "cert", "key"] as const) {
+        if (tls[field]) {
+          tls[field] = resolveFrom(baseDir, tls[field]);
+        }
+      }
+    }
+  }
+  if (config.actuators.some((actuator) => actuator.type === "fleet") && !config.fleet) {
+    throw new ConfigValidationError(file, [new ConfigError("actuators", 'an actuator of type "fleet" needs a "fleet" section')]);
+  }
   return config;
 }
 

@@ -40,7 +40,57 @@ export type ActuatorConfig =
       /** Decisions produced while the broker is unreachable are dropped after this many are queued. */
       maxQueued: number;
     }
-  | { type: "log" };
+  | { type: "log" }
+  /** Publishes decisions on the device's decision topic over the fleet connection (one TLS identity per device). */
+  | { type: "fleet"; qos: 0 | 1 | 2; maxQueued: number };
+
+export interface TlsFiles {
+  ca?: string;
+  cert?: string;
+  key?: string;
+}
+
+/** Connection to the fleet broker and the keys the agent trusts. */
+export interface FleetConfig {
+  url: string;
+  protocolVersion: 4 | 5;
+  clientId?: string;
+  tls?: TlsFiles;
+  username?: string;
+  password?: SecretRef;
+  /** Public keys (PEM files) whose signatures the agent accepts on model packages and commands. */
+  trustedKeys: string[];
+  /** Commands must be signed by a trusted key; off only for a broker whose ACL is the only guard. */
+  requireSignedCommands: boolean;
+  statusIntervalSeconds: number;
+  /** Largest model bundle accepted over the fleet connection. */
+  maxDownloadBytes: number;
+}
+
+export interface MiningConfig {
+  enabled: boolean;
+  lowConfidence: number;
+  minMargin: number;
+  noveltyThreshold: number;
+  randomRate: number;
+  minDistance: number;
+  clusterRadius: number;
+  maxClusterShare: number;
+  perHour: number;
+  outbox: { maxBytes: number; maxItems: number };
+}
+
+export interface UpdateConfig {
+  /** Model store, outbox, downloads and settings changed by fleet commands; default: the audit database's folder. */
+  stateDir: string;
+  shadowFrames: number;
+  shadowTimeoutSeconds: number;
+  maxLatencyRatio: number;
+  keepVersions: number;
+  crashLoop: { starts: number; windowSeconds: number };
+  healthyAfterFrames: number;
+  regression: { windowFrames: number; maxErrorRateIncrease: number; maxLatencyFactor: number } | false;
+}
 
 /** The validated agent configuration with defaults filled in. */
 export interface AgentConfig {
@@ -60,6 +110,9 @@ export interface AgentConfig {
   audit: { path: string; synchronous: "FULL" | "NORMAL"; maxAgeDays: number; maxBytes: number; pruneIntervalSeconds: number };
   health: { host: string; port: number; stallSeconds: number };
   logging: { level: "fatal" | "error" | "warn" | "info" | "debug" | "trace" };
+  fleet?: FleetConfig;
+  mining: MiningConfig;
+  update: UpdateConfig;
 }
 
 const name = { type: "string", pattern: "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$" } as const;
@@ -202,7 +255,7 @@ export const agentConfigSchema = {
       items: {
         type: "object",
         required: ["type"],
-        properties: { type: { enum: ["mqtt", "log"] } },
+        properties: { type: { enum: ["mqtt", "log", "fleet"] } },
         allOf: [
           {
             if: { properties: { type: { const: "mqtt" } } },
@@ -222,6 +275,17 @@ export const agentConfigSchema = {
             },
           },
           { if: { properties: { type: { const: "log" } } }, then: { additionalProperties: false, properties: { type: {} } } },
+          {
+            if: { properties: { type: { const: "fleet" } } },
+            then: {
+              additionalProperties: false,
+              properties: {
+                type: {},
+                qos: { enum: [0, 1, 2], default: 1 },
+                maxQueued: { type: "integer", minimum: 0, maximum: 100000, default: 100 },
+              },
+            },
+          },
         ],
       },
     },
@@ -252,6 +316,89 @@ export const agentConfigSchema = {
       additionalProperties: false,
       default: {},
       properties: { level: { enum: ["fatal", "error", "warn", "info", "debug", "trace"], default: "info" } },
+    },
+    fleet: {
+      type: "object",
+      additionalProperties: false,
+      required: ["url"],
+      properties: {
+        url: { type: "string", pattern: "^(mqtts?|wss?|tcp|ssl)://" },
+        protocolVersion: { enum: [4, 5], default: 5 },
+        clientId: { type: "string", minLength: 1, maxLength: 128 },
+        tls: {
+          type: "object",
+          additionalProperties: false,
+          properties: { ca: { type: "string", minLength: 1 }, cert: { type: "string", minLength: 1 }, key: { type: "string", minLength: 1 } },
+        },
+        username: { type: "string" },
+        password: secretRef,
+        trustedKeys: { type: "array", items: { type: "string", minLength: 1 }, default: [] },
+        requireSignedCommands: { type: "boolean", default: true },
+        statusIntervalSeconds: { type: "number", minimum: 1, maximum: 86400, default: 60 },
+        maxDownloadBytes: { type: "integer", minimum: 1048576, default: 536870912 },
+      },
+    },
+    mining: {
+      type: "object",
+      additionalProperties: false,
+      default: {},
+      properties: {
+        enabled: { type: "boolean", default: true },
+        lowConfidence: { type: "number", minimum: 0, maximum: 1, default: 0.6 },
+        minMargin: { type: "number", minimum: 0, maximum: 1, default: 0.15 },
+        noveltyThreshold: { type: "number", exclusiveMinimum: 0, default: 1 },
+        randomRate: { type: "number", minimum: 0, maximum: 1, default: 0.005 },
+        minDistance: { type: "number", minimum: 0, maximum: 2, default: 0.1 },
+        clusterRadius: { type: "number", exclusiveMinimum: 0, maximum: 2, default: 0.35 },
+        maxClusterShare: { type: "number", exclusiveMinimum: 0, maximum: 1, default: 0.25 },
+        perHour: { type: "number", minimum: 0, maximum: 1000000, default: 60 },
+        outbox: {
+          type: "object",
+          additionalProperties: false,
+          default: {},
+          properties: {
+            maxBytes: { type: "integer", minimum: 1048576, default: 268435456 },
+            maxItems: { type: "integer", minimum: 1, default: 10000 },
+          },
+        },
+      },
+    },
+    update: {
+      type: "object",
+      additionalProperties: false,
+      default: {},
+      properties: {
+        stateDir: { type: "string", minLength: 1 },
+        shadowFrames: { type: "integer", minimum: 0, maximum: 1000000, default: 200 },
+        shadowTimeoutSeconds: { type: "number", exclusiveMinimum: 0, default: 600 },
+        maxLatencyRatio: { type: "number", minimum: 1, default: 1.5 },
+        keepVersions: { type: "integer", minimum: 2, maximum: 100, default: 3 },
+        crashLoop: {
+          type: "object",
+          additionalProperties: false,
+          default: {},
+          properties: {
+            starts: { type: "integer", minimum: 2, default: 3 },
+            windowSeconds: { type: "number", exclusiveMinimum: 0, default: 600 },
+          },
+        },
+        healthyAfterFrames: { type: "integer", minimum: 1, default: 500 },
+        regression: {
+          default: {},
+          oneOf: [
+            { const: false },
+            {
+              type: "object",
+              additionalProperties: false,
+              properties: {
+                windowFrames: { type: "integer", minimum: 10, default: 500 },
+                maxErrorRateIncrease: { type: "number", minimum: 0, maximum: 1, default: 0.02 },
+                maxLatencyFactor: { type: "number", minimum: 1, default: 2 },
+              },
+            },
+          ],
+        },
+      },
     },
   },
 } as const;

@@ -135,6 +135,57 @@ export class MqttActuator implements Actuator {
   }
 }
 
+/** The part of the fleet connection a FleetActuator needs; MqttLink provides it. */
+export interface FleetPublisher {
+  readonly connected: boolean;
+  publish(topic: string, payload: string, options: { qos: 0 | 1 | 2 }): Promise<void>;
+}
+
+/**
+ * Publishes decisions on the device's decision topic over the fleet connection, so that a broker
+ * that allows one connection per device certificate sees one client. While the connection is down
+ * it holds at most `maxQueued` decisions and drops the rest, as MqttActuator does.
+ */
+export class FleetActuator implements Actuator {
+  readonly kind = "fleet";
+  private pending = 0;
+  private lastDropLog = 0;
+  dropped = 0;
+
+  constructor(
+    private readonly link: FleetPublisher,
+    private readonly options: { topic: string; qos: 0 | 1 | 2; maxQueued: number; logger: Logger },
+  ) {}
+
+  async start(): Promise<void> {}
+
+  send(messages: readonly ActuatorMessage[]): void {
+    for (const message of messages) {
+      if (!this.link.connected && this.pending >= this.options.maxQueued) {
+        this.dropped++;
+        const now = Date.now();
+        if (now - this.lastDropLog > 10_000) {
+          this.lastDropLog = now;
+          this.options.logger.warn({ actuator: "fleet", dropped: this.dropped }, "broker unreachable; decisions dropped");
+        }
+        continue;
+      }
+      this.pending++;
+      this.link
+        .publish(this.options.topic, JSON.stringify(message), { qos: this.options.qos })
+        .catch((error: unknown) => {
+          this.dropped++;
+          this.options.logger.warn({ actuator: "fleet", frame: message.frameId, err: describeError(error) }, "decision publish failed");
+        })
+        .finally(() => {
+          this.pending--;
+        });
+    }
+  }
+
+  async stop(): Promise<void> {}
+}
+
 /** Fills `{site}` and `{device}` in a topic template. */
 export function expandTopic(template: string, site: string, device: string): string {
   return template.replaceAll("{site}", site).replaceAll("{device}", device);
@@ -145,11 +196,20 @@ export async function createActuators(
   configs: readonly ActuatorConfig[],
   device: { id: string; site: string },
   logger: Logger,
+  fleet?: FleetPublisher,
 ): Promise<Actuator[]> {
   const actuators: Actuator[] = [];
   for (const [index, config] of configs.entries()) {
     if (config.type === "log") {
       actuators.push(new LogActuator(logger.child({ actuator: "log" })));
+      continue;
+    }
+    if (config.type === "fleet") {
+      if (!fleet) {
+        throw new Error(`actuators[${index}] publishes over the fleet connection, but the agent has none`);
+      }
+      const topic = `sortline/v1/${device.site}/${device.id}/decision`;
+      actuators.push(new FleetActuator(fleet, { topic, qos: config.qos, maxQueued: config.maxQueued, logger }));
       continue;
     }
     const password = config.password ? await resolveSecret(config.password, `actuators[${index}].password`) : undefined;
