@@ -379,10 +379,12 @@ export class Agent {
 
   /** Applies live settings: a new decision policy and a new miner with the changed selector options. */
   async applyLiveConfig(config: AgentConfig): Promise<void> {
+    if (config.logging.level !== this.config.logging.level) {
+      this.logger.level = config.logging.level;
+    }
     this.config.decisions = config.decisions;
     this.config.mining = { ...config.mining, outbox: this.config.mining.outbox };
     this.config.logging = config.logging;
-    this.logger.level = config.logging.level;
     const pipeline = this.pipelineInstance!;
     const runner = this.runner!;
     await pipeline.swapModel(runner, this.createPolicy(runner.manifest));
