@@ -42,6 +42,21 @@ export interface ReviewServerOptions {
   maxJsonBytes?: number;
   /** Largest labels CSV body of `POST /api/labels/import` (default 4 MiB). */
   maxCsvBytes?: number;
+  /** More JSON routes, served with the same token check and error replies, e.g. the trainer's `/api/fleet`. */
+  routes?: readonly ApiRoute[];
+}
+
+/** A JSON route served next to the review API. */
+export interface ApiRoute {
+  method: "GET" | "POST";
+  path: string;
+  /** Returns the HTTP status and JSON body. `body` is the JSON request body of a POST, {} for a GET. */
+  handle(body: Record<string, unknown>, url: URL): ApiReply | Promise<ApiReply>;
+}
+
+export interface ApiReply {
+  status: number;
+  body: unknown;
 }
 
 /** The review server could not listen on its address. */
@@ -195,6 +210,7 @@ export class ReviewServer {
   private readonly logger: Logger;
   private readonly maxJsonBytes: number;
   private readonly maxCsvBytes: number;
+  private readonly routes: readonly ApiRoute[];
   private server: Server | undefined;
   private boundPort: number | undefined;
 
@@ -212,6 +228,7 @@ export class ReviewServer {
     this.logger = options.logger ?? silentLogger;
     this.maxJsonBytes = options.maxJsonBytes ?? DEFAULT_MAX_JSON_BYTES;
     this.maxCsvBytes = options.maxCsvBytes ?? DEFAULT_MAX_CSV_BYTES;
+    this.routes = options.routes ?? [];
   }
 
   /** The bound TCP port while the server listens, otherwise undefined. */
@@ -399,6 +416,15 @@ export class ReviewServer {
     if (path === "/api/stats") {
       allow("GET");
       sendJson(response, 200, this.catalogue.stats());
+      return;
+    }
+    const extra = this.routes.filter((route) => route.path === path);
+    if (extra.length > 0) {
+      allow(extra.map((route) => route.method).join(", "));
+      const matched = extra.find((route) => route.method === method)!;
+      const body = method === "POST" ? await this.readJson(request) : {};
+      const reply = await matched.handle(body, url);
+      sendJson(response, reply.status, reply.body);
       return;
     }
     throw new HttpError(404, `no route for ${path}`);
