@@ -4,6 +4,9 @@ import { auditUsage, runAudit } from "./audit.js";
 import { classifyUsage, runClassify } from "./classify.js";
 import { UsageError } from "./common.js";
 import { demoUsage, runDemo } from "./demo.js";
+import { fleetUsage, runFleet } from "./fleet.js";
+import { keysUsage, runKeys } from "./keys.js";
+import { runTrainer, trainerUsage } from "./trainer.js";
 
 const usage = `Usage: sortline COMMAND [OPTIONS]
 
@@ -12,6 +15,9 @@ Commands:
   demo       run the agent on bundled photos with an embedded MQTT broker
   audit      summarize, list and export the decision audit database
   classify   classify image files and folders with a model package
+  trainer    run the central trainer: fleet uploads, review page, retraining, model delivery
+  fleet      send a signed command to a device, or list the devices' statuses
+  keys       generate the key pair that signs model packages and fleet commands
 
 Run 'sortline COMMAND --help' for the options of a command.`;
 
@@ -22,6 +28,9 @@ const commands: Record<string, { run: Command; usage: string }> = {
   demo: { run: runDemo, usage: demoUsage },
   audit: { run: runAudit, usage: auditUsage },
   classify: { run: runClassify, usage: classifyUsage },
+  trainer: { run: runTrainer, usage: trainerUsage },
+  fleet: { run: runFleet, usage: fleetUsage },
+  keys: { run: runKeys, usage: keysUsage },
 };
 
 /** Runs the sortline CLI and returns its exit code. */
