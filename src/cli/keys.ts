@@ -53,12 +53,14 @@ export async function runKeys(argv: string[], io: KeysIo = {}): Promise<number> 
     out.write(`${keysUsage}\n`);
     return 0;
   }
+
   if (positionals.length !== 1 || positionals[0] !== "generate") {
     throw new UsageError(positionals.length === 0 ? "missing subcommand; expected 'generate'" : `unknown subcommand '${positionals.join(" ")}'; expected 'generate'`);
   }
   if (!values.out) {
     throw new UsageError("--out DIR is required");
   }
+
   const privateFile = path.join(values.out, "signing.key");
   const publicFile = path.join(values.out, "signing.pub");
   if (!values.force) {
@@ -68,6 +70,7 @@ export async function runKeys(argv: string[], io: KeysIo = {}): Promise<number> 
       return 1;
     }
   }
+
   const keys = generateKeyPair();
   await mkdir(values.out, { recursive: true, mode: 0o700 });
   await writeKeyFile(privateFile, keys.privateKeyPem, 0o600, !values.force);

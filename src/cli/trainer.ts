@@ -81,7 +81,7 @@ async function checkReferences(config: TrainerConfig, env: NodeJS.ProcessEnv): P
   return problems;
 }
 
-/** Posts to the running trainer's `/api/retrain` and prints its answer. */
+/** Posts to the running trainer's `/api/retrain` and prints its reply. */
 async function requestRetrain(config: TrainerConfig, io: Required<TrainerIo>): Promise<number> {
   // A trainer listening on every address is reached through the loopback address.
   const host = ["0.0.0.0", "::", "[::]"].includes(config.review.host) ? "127.0.0.1" : config.review.host;
@@ -103,7 +103,7 @@ async function requestRetrain(config: TrainerConfig, io: Required<TrainerIo>): P
     io.out.write(body);
     return 0;
   }
-  io.err.write(`sortline trainer: the trainer answered ${response.status}: ${body}`);
+  io.err.write(`sortline trainer: the trainer replied with status ${response.status}: ${body}`);
   return 1;
 }
 

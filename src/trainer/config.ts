@@ -51,9 +51,9 @@ export interface TrainerConfig {
     timeoutMinutes: number;
     trigger: { minNewLabels: number; intervalMinutes: number };
     gate: { minGain: number; maxClassDrop: number };
-    /** argv that replaces `python -m sortline_spark.train`; the trainer appends the job's options. */
+    /** argv that replaces `python -m sortline_spark.train` and runs in sparkDir. The trainer appends the job's options. */
     command?: string[];
-    /** argv that replaces `python -m sortline_spark.gate`; the trainer appends the gate's options. */
+    /** argv that replaces `python -m sortline_spark.gate` and runs in sparkDir. The trainer appends the gate's options. */
     gateCommand?: string[];
   };
   fleet: { groups: Record<string, string[]>; publishTo: string };
@@ -228,8 +228,8 @@ function formatError(error: ErrorObject, document: unknown): ConfigError {
   }
   expected = expected.replace(/^must be /, "").replace(/^must /, "");
   const text = JSON.stringify(valueAt(document, error.instancePath)) ?? "undefined";
-  const shown = text.length > 60 ? `${text.slice(0, 57)}...` : text;
-  return new ConfigError(keyPath(error.instancePath), `value ${shown} is invalid; expected ${expected}`);
+  const excerpt = text.length > 60 ? `${text.slice(0, 57)}...` : text;
+  return new ConfigError(keyPath(error.instancePath), `value ${excerpt} is invalid; expected ${expected}`);
 }
 
 function resolveFrom(base: string, file: string): string {

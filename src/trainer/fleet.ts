@@ -115,6 +115,7 @@ export class DeviceTracker extends EventEmitter<TrackerEvents> {
       // An empty retained message deletes the retained status; the device record stays.
       return;
     }
+
     const parsed = parseDeviceTopic(topic);
     const decoded = decodeStatusMessage(payload);
     if (parsed === undefined || !decoded.ok || decoded.value.site !== parsed.site || decoded.value.device !== parsed.device) {
@@ -126,6 +127,7 @@ export class DeviceTracker extends EventEmitter<TrackerEvents> {
       }
       return;
     }
+
     const status = decoded.value;
     const record: DeviceStatusRecord = {
       site: status.site,
@@ -140,6 +142,7 @@ export class DeviceTracker extends EventEmitter<TrackerEvents> {
     const key = `${record.site}/${record.device}`;
     const previous = this.devices.get(key);
     this.devices.set(key, record);
+
     this.options.db
       ?.prepare(
         `INSERT INTO devices (site, device, state, model_json, agent_version, status_at, received_at, stats_json)
@@ -158,6 +161,7 @@ export class DeviceTracker extends EventEmitter<TrackerEvents> {
         received_at: record.receivedAt,
         stats_json: record.stats === null ? null : JSON.stringify(record.stats),
       });
+
     if (previous?.state !== record.state) {
       this.logger.info({ site: record.site, device: record.device, state: record.state, model: record.model?.version }, "device state changed");
     }

@@ -10,7 +10,7 @@
  * without progress the row returns to pending and is tried again on the device's next "online"
  * status or after `retryIntervalMs`. Rows left in "sending" by a stopped trainer return to pending
  * on start. The transfer id depends only on the version and the bundle bytes, so the device's
- * receiver answers the repeated begin with the chunks it already holds and the transfer resumes.
+ * receiver replies to the repeated begin with the chunks it has stored, and the transfer resumes.
  */
 import { createHash } from "node:crypto";
 
@@ -322,7 +322,7 @@ export class Publisher {
   private async bundleFor(model: PublishedModel): Promise<{ data: Buffer; sha256: string }> {
     if (this.bundle?.modelId !== model.id) {
       const data = await packBundle(model.dir);
-      // Only the newest bundle is cached, since each holds a whole package in memory.
+      // Only the newest bundle is cached, since each contains a whole package in memory.
       this.bundle = { modelId: model.id, data, sha256: createHash("sha256").update(data).digest("hex") };
     }
     return this.bundle;
@@ -367,7 +367,7 @@ export class Publisher {
         this.setState(row, "pending", null);
         return;
       }
-      // The receiver answers "receiver busy: ..." while it runs its maximum of transfers, which a later attempt can fix.
+      // The receiver replies "receiver busy: ..." while it runs its maximum of transfers, which a later attempt can fix.
       if (error instanceof TransferError && error.receiverError !== undefined && !error.receiverError.startsWith("receiver busy")) {
         this.setState(row, "failed", error.receiverError);
         this.logger.error({ ...fields, transferId, err: error.receiverError }, "device rejected the model bundle");

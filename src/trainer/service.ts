@@ -225,8 +225,8 @@ export class TrainerService {
 
   /**
    * Opens the state, starts the review server, connects to the broker and starts receiving,
-   * tracking, publishing and retraining. Resolves once the broker connection is up; rejects when
-   * the broker refuses the connection or a secret, the base model or the data folder is unusable.
+   * tracking, publishing and retraining. Resolves once the broker connection is up. Rejects when
+   * the broker refuses the connection, or when a secret, the base model or the data folder is unusable.
    */
   async start(): Promise<void> {
     const { config } = this;

@@ -202,7 +202,7 @@ export class Retrainer {
     this.startedAt = this.now();
   }
 
-  /** Marks runs left "running" by a stopped trainer as failed and starts checking the trigger. */
+  /** Marks runs left "running" by a stopped trainer as failed, checks the trigger now and then periodically. */
   start(): void {
     const stale = this.db
       .prepare("UPDATE runs SET status = 'failed', error = 'the trainer stopped during the run', finished_at = ? WHERE status = 'running'")
@@ -213,6 +213,7 @@ export class Retrainer {
     this.timer = setInterval(() => this.checkTrigger(), this.options.checkIntervalMs ?? 60_000);
     this.timer.unref();
     this.logger.info({ trigger: this.config.training.trigger }, "retrainer started");
+    this.checkTrigger();
   }
 
   /** Stops the trigger, ends a running job with SIGTERM and waits for the run to finish. */
@@ -482,9 +483,9 @@ export class Retrainer {
     if (this.stopping) {
       return `the ${job} job was stopped because the trainer is stopping`;
     }
-    const how = result.signal !== null ? `was killed by ${result.signal}` : `exited with code ${result.code}`;
+    const outcome = result.signal !== null ? `was killed by ${result.signal}` : `exited with code ${result.code}`;
     const last = result.tail.at(-1);
-    return `the ${job} job ${how}${last === undefined ? "" : `; last stderr line: ${last}`}`;
+    return `the ${job} job ${outcome}${last === undefined ? "" : `; last stderr line: ${last}`}`;
   }
 
   /**

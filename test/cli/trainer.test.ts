@@ -210,6 +210,8 @@ describe("sortline trainer --retrain", () => {
     service = new TrainerService({ config: await loadTrainerConfig(file), env });
     await service.start();
     const out = capture();
+    const anonymous = await fetch(`http://127.0.0.1:${port}/api/retrain`, { method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" });
+    expect(anonymous.status).toBe(401);
 
     const code = await runTrainer(["--config", file, "--retrain"], { out: out.stream, err: capture().stream, env });
 

@@ -22,9 +22,9 @@ const SITE = "plant-a";
 const DEVICE = "edge-1";
 
 /**
- * A stand-in for the Spark train job: copies the package given as its first argument into --out
- * with --name and --version in the manifest, writes validation.csv from the demo photos, records
- * its arguments in the file given as its second argument and prints the job's JSON summary.
+ * A stand-in for the Spark train job. It copies the package given as its first argument into --out
+ * with --name and --version in the manifest and writes validation.csv from the demo photos. It
+ * records its arguments in the file given as its second argument and prints the job's JSON summary.
  */
 const TRAIN_SCRIPT = `
 import { cpSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
@@ -71,7 +71,7 @@ interface Fixture {
 }
 
 /** Writes a trainer config for `brokerUrl` with the stand-in train and gate jobs and a copy of the default model. */
-async function makeFixture(dir: string, brokerUrl: string, gate: "pass" | "fail"): Promise<Fixture> {
+async function makeFixture(dir: string, brokerUrl: string, gate: "pass" | "fail", minNewLabels = 1000): Promise<Fixture> {
   const keys = generateKeyPair();
   await writeFile(path.join(dir, "signing.key"), keys.privateKeyPem, { mode: 0o600 });
   const baseModel = path.join(dir, "base-model");
@@ -92,7 +92,7 @@ async function makeFixture(dir: string, brokerUrl: string, gate: "pass" | "fail"
     validation: [PHOTOS],
     training: {
       modelName: "plant-a-waste",
-      trigger: { minNewLabels: 1000 },
+      trigger: { minNewLabels },
       command: [process.execPath, path.join(dir, "train.mjs"), baseModel, trainArgsFile, PHOTOS],
       gateCommand: [process.execPath, path.join(dir, "gate.mjs"), gate, gateArgsFile],
     },
@@ -146,9 +146,9 @@ describe("TrainerService", () => {
   let logs: LogLine[];
   const links: MqttLink[] = [];
 
-  async function startService(fixture: Fixture): Promise<TrainerService> {
+  async function startService(fixture: Fixture, retrainCheckIntervalMs?: number): Promise<TrainerService> {
     const logger = pino({ level: "debug" }, { write: (line: string) => logs.push(JSON.parse(line) as LogLine) });
-    service = new TrainerService({ config: fixture.config, logger, publisher: { ackTimeoutMs: 2_000 } });
+    service = new TrainerService({ config: fixture.config, logger, publisher: { ackTimeoutMs: 2_000 }, retrainCheckIntervalMs });
     await service.start();
     return service;
   }
@@ -344,6 +344,33 @@ describe("TrainerService", () => {
     expect(trainer.publisher.current()?.version).toBe("1.0.0");
     const failed = logs.find((line) => line.msg === "training run failed");
     expect(failed?.runId).toBe(run.id);
+  });
+
+  it("retrains once enough labels arrive", async () => {
+    const fixture = await makeFixture(temp.dir, broker.url, "fail", 2);
+    const trainer = await startService(fixture, 50);
+    const device = await connectDevice();
+    const sender = new TransferSender({ link: device });
+    const photos = readPhotos("cardboard");
+    for (const [index, photo] of photos.slice(0, 3).entries()) {
+      await upload(sender, `ex-${index}`, photo, exampleMeta(`frame-${index}`));
+    }
+    const examples = trainer.catalogue.list();
+
+    trainer.catalogue.label(examples[0]!.sha256, "cardboard", "tester");
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect(trainer.retrainer.runs()).toEqual([]);
+    trainer.catalogue.label(examples[1]!.sha256, "cardboard", "tester");
+    await waitFor(() => trainer.retrainer.runs()[0]?.status === "rejected", "the triggered run");
+
+    expect(trainer.retrainer.runs()[0]!.trigger).toBe("labels");
+    expect(trainer.retrainer.runs()[0]!.labelledAtStart).toBe(2);
+    // The rejected run counts as the last one, so the same two labels start no second run.
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect(trainer.retrainer.runs()).toHaveLength(1);
+    trainer.catalogue.label(examples[2]!.sha256, "cardboard", "tester");
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect(trainer.retrainer.runs()).toHaveLength(1);
   });
 
   it("reports fleet devices and their status", async () => {
