@@ -484,8 +484,9 @@ export class Retrainer {
       return `the ${job} job was stopped because the trainer is stopping`;
     }
     const outcome = result.signal !== null ? `was killed by ${result.signal}` : `exited with code ${result.code}`;
-    const last = result.tail.at(-1);
-    return `the ${job} job ${outcome}${last === undefined ? "" : `; last stderr line: ${last}`}`;
+    // A Python traceback ends with "SomeError: message", but Spark and py4j log more lines after it.
+    const last = [...result.tail].reverse().find((line) => /(Error|Exception)\b/.test(line)) ?? result.tail.at(-1);
+    return `the ${job} job ${outcome}${last === undefined ? "" : `; stderr: ${last}`}`;
   }
 
   /**

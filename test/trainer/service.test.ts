@@ -332,15 +332,16 @@ describe("TrainerService", () => {
 
   it("records a failing train job with its last output lines", async () => {
     const fixture = await makeFixture(temp.dir, broker.url, "pass");
-    await writeFile(path.join(temp.dir, "train.mjs"), 'process.stderr.write("Traceback (most recent call last)\\nValueError: no images in /srv/data\\n"); process.exit(1);\n');
+    const script = 'process.stderr.write("Traceback (most recent call last)\\nValueError: no images in /srv/data\\nINFO py4j closing\\n"); process.exit(1);\n';
+    await writeFile(path.join(temp.dir, "train.mjs"), script);
     const trainer = await startService(fixture);
 
     const run = await trainer.retrainer.retrain().done;
 
     expect(run.status).toBe("failed");
     expect(run.step).toBe("train");
-    expect(run.error).toBe("the train job exited with code 1; last stderr line: ValueError: no images in /srv/data");
-    expect(run.logTail).toEqual(["Traceback (most recent call last)", "ValueError: no images in /srv/data"]);
+    expect(run.error).toBe("the train job exited with code 1; stderr: ValueError: no images in /srv/data");
+    expect(run.logTail).toEqual(["Traceback (most recent call last)", "ValueError: no images in /srv/data", "INFO py4j closing"]);
     expect(trainer.publisher.current()?.version).toBe("1.0.0");
     const failed = logs.find((line) => line.msg === "training run failed");
     expect(failed?.runId).toBe(run.id);
