@@ -124,9 +124,10 @@ export async function main(argv: string[]): Promise<number> {
   const scoringSeconds = (Date.now() - started) / 1000;
   await runner.release();
 
-  const selections: Record<string, Record<string, string[] | string[][]>> = { mined: {}, uncertainty: {}, random: {} };
+  const selections: Record<string, Record<string, string[] | string[][]>> = { mined: {}, "mined-priority": {}, uncertainty: {}, random: {} };
   for (const budget of budgets) {
-    selections.mined![budget] = selectFromStream(frames, { total: budget, knowledge }).map((f) => f.file);
+    selections.mined![budget] = selectFromStream(frames, { total: budget, knowledge, ranking: "typicality" }).map((f) => f.file);
+    selections["mined-priority"]![budget] = selectFromStream(frames, { total: budget, knowledge, ranking: "priority" }).map((f) => f.file);
     selections.uncertainty![budget] = leastConfident(frames, budget).map((f) => f.file);
     selections.random![budget] = Array.from({ length: randomRuns }, (_, run) => randomPick(frames, budget, run + 1).map((f) => f.file));
   }

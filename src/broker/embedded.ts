@@ -6,6 +6,13 @@ import aedes from "aedes";
 interface Aedes {
   handle: (socket: Socket) => void;
   close: (callback: () => void) => void;
+  on(event: "publish", listener: (packet: { topic: string; payload: Buffer | string }, client: unknown) => void): void;
+}
+
+/** Messages and payload bytes that clients published on one kind of topic. */
+export interface TopicTraffic {
+  messages: number;
+  bytes: number;
 }
 
 /** aedes is CommonJS: its module object is the constructor, with `createBroker` attached. */
@@ -21,6 +28,11 @@ export class EmbeddedBroker {
   private broker: Aedes | undefined;
   private server: Server | undefined;
   port = 0;
+  /**
+   * Client publishes per topic leaf (the part after `sortline/v1/<site>/<device>/`, or the whole
+   * topic for other trees). Messages the broker generates itself are not counted.
+   */
+  readonly traffic = new Map<string, TopicTraffic>();
 
   constructor(
     private readonly host = "127.0.0.1",
@@ -34,6 +46,17 @@ export class EmbeddedBroker {
   async start(port = 0): Promise<void> {
     const broker = createBroker();
     this.broker = broker;
+    broker.on("publish", (packet, client) => {
+      if (!client) {
+        return;
+      }
+      const parts = packet.topic.split("/");
+      const leaf = parts[0] === "sortline" && parts.length > 4 ? parts.slice(4).join("/") : packet.topic;
+      const entry = this.traffic.get(leaf) ?? { messages: 0, bytes: 0 };
+      entry.messages++;
+      entry.bytes += Buffer.byteLength(packet.payload);
+      this.traffic.set(leaf, entry);
+    });
     const server = createServer(broker.handle);
     this.server = server;
     await new Promise<void>((resolve, reject) => {

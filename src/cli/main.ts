@@ -4,6 +4,7 @@ import { auditUsage, runAudit } from "./audit.js";
 import { classifyUsage, runClassify } from "./classify.js";
 import { UsageError } from "./common.js";
 import { demoUsage, runDemo } from "./demo.js";
+import { demoLoopUsage, runDemoLoop } from "./demo-loop.js";
 import { fleetUsage, runFleet } from "./fleet.js";
 import { keysUsage, runKeys } from "./keys.js";
 import { runTrainer, trainerUsage } from "./trainer.js";
@@ -13,6 +14,7 @@ const usage = `Usage: sortline COMMAND [OPTIONS]
 Commands:
   agent      run the edge agent from a configuration file
   demo       run the agent on bundled photos with an embedded MQTT broker
+  demo-loop  run the closed loop: mining, labelling, Spark retraining, signed update
   audit      summarize, list and export the decision audit database
   classify   classify image files and folders with a model package
   trainer    run the central trainer: fleet uploads, review page, retraining, model delivery
@@ -26,6 +28,7 @@ type Command = (argv: string[]) => Promise<number>;
 const commands: Record<string, { run: Command; usage: string }> = {
   agent: { run: runAgent, usage: agentUsage },
   demo: { run: runDemo, usage: demoUsage },
+  "demo-loop": { run: runDemoLoop, usage: demoLoopUsage },
   audit: { run: runAudit, usage: auditUsage },
   classify: { run: runClassify, usage: classifyUsage },
   trainer: { run: runTrainer, usage: trainerUsage },

@@ -4,6 +4,7 @@
  * recorded stream replays with the same choices, and randomness comes from a seeded PRNG.
  */
 import type { RejectReason } from "../decision/policy.js";
+import { rankByTypicality } from "./ranking.js";
 import { dot, l2Normalize, noveltyOf, type Knowledge } from "./knowledge.js";
 
 /** Candidate reasons, highest weight first. */
@@ -524,6 +525,12 @@ function topTwo(probabilities: ArrayLike<number>, labels: readonly string[]): { 
 export interface StreamSelectionOptions extends Omit<SelectorOptions, "budget"> {
   /** Frames to choose in total, for example the number of labels a person will provide. */
   total: number;
+  /**
+   * Order in which the selected frames are labelled: "typicality" (the trainer's review queue:
+   * rankByTypicality over the selected frames' embeddings) or "priority" (the outbox order, with
+   * the cluster cap). Default "typicality".
+   */
+  ranking?: "typicality" | "priority";
 }
 
 /**
@@ -538,7 +545,7 @@ export interface StreamSelectionOptions extends Omit<SelectorOptions, "budget"> 
  * Only then do the frames held back by that cap fill the rest.
  */
 export function selectFromStream<T extends SelectorInput>(frames: readonly T[], options: StreamSelectionOptions): T[] {
-  const { total, ...selectorOptions } = options;
+  const { total, ranking, ...selectorOptions } = options;
   if (!Number.isInteger(total) || total < 0) {
     throw new RangeError(`total ${total} is invalid; expected a whole number of frames >= 0`);
   }
@@ -550,6 +557,10 @@ export function selectFromStream<T extends SelectorInput>(frames: readonly T[], 
       picked.push({ index, priority: selection.priority, cluster: selection.cluster });
     }
   });
+  if ((ranking ?? "typicality") === "typicality") {
+    const order = rankByTypicality(picked.map((p) => frames[p.index]!.embedding), { count: total });
+    return order.map((position) => picked[position]!.index).sort((a, b) => a - b).map((index) => frames[index]!);
+  }
   picked.sort((a, b) => b.priority - a.priority || a.index - b.index);
 
   const share = options.maxClusterShare ?? DEFAULTS.maxClusterShare;

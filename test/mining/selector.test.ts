@@ -365,8 +365,8 @@ describe("selectFromStream", () => {
   it("spreads a label budget across novel groups", () => {
     const { frames, options } = novelGroupStream(61, 300);
 
-    const mined = countGroups(selectFromStream(frames, { ...options, total: 12, maxClusterShare: 0.25 }));
-    const uncapped = countGroups(selectFromStream(frames, { ...options, total: 12, maxClusterShare: 1 }));
+    const mined = countGroups(selectFromStream(frames, { ...options, total: 12, maxClusterShare: 0.25, ranking: "priority" }));
+    const uncapped = countGroups(selectFromStream(frames, { ...options, total: 12, maxClusterShare: 1, ranking: "priority" }));
 
     expect(mined.A + mined.B + mined.C + mined.known).toBe(12);
     expect(mined.B).toBeGreaterThanOrEqual(3);
