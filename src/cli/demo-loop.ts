@@ -234,7 +234,7 @@ export async function runDemoLoop(argv: string[]): Promise<number> {
     say(`first pass: line accuracy ${(firstPass.correct / firstPass.decided).toFixed(3)} on ${firstPass.decided} frames; ${examples} hard examples at the trainer`);
 
     const bySha = new Map(replay.map((p) => [p.sha256, p.label]));
-    const pending = (await api(trainer.reviewPort!, "GET", `/api/examples?status=pending&limit=${labelsWanted}`)) as { examples: { sha256: string }[] };
+    const pending = (await api(trainer.reviewPort!, "GET", `/api/examples?status=pending&order=typical&limit=${labelsWanted}`)) as { examples: { sha256: string }[] };
     const known = new Set(trainer.catalogue.classes());
     let labelled = 0;
     for (const example of pending.examples.slice(0, labelsWanted)) {

@@ -17,6 +17,10 @@ import Database from "better-sqlite3";
 import { describeError, SortlineError } from "../lib/errors.js";
 import { silentLogger, type Logger } from "../lib/log.js";
 import { formatCsvRow, readLabelsCsv, type ExampleKey, type LabelsCsvRowError } from "./labels-csv.js";
+import { rankByTypicality } from "../mining/ranking.js";
+
+/** Examples considered by the "typical" order, highest priority first; the ranking costs O(n^2). */
+const TYPICAL_POOL = 2000;
 
 /** Base class of the catalogue's own errors. */
 export class CatalogueError extends SortlineError {}
@@ -151,7 +155,13 @@ export interface ListOptions {
   limit?: number;
   offset?: number;
   /** priority: highest priority first, then oldest received. received: newest received first. */
-  order?: "priority" | "received";
+  /**
+   * "priority" (highest first), "received" (newest first) or "typical": the most typical example
+   * of each of `offset + limit` clusters of the examples' embeddings (rankByTypicality), which
+   * spreads a labelling round over the groups in the pool. Examples without an embedding follow
+   * in priority order.
+   */
+  order?: "priority" | "received" | "typical";
 }
 
 export interface ImportOptions {
@@ -612,7 +622,7 @@ export class Catalogue {
     writeFileAtomic(file, jpeg);
   }
 
-  /** Returns a page of examples with the given status (default pending, in priority order). */
+    /** Returns a page of examples with the given status (default pending, in priority order). */
   list(options: ListOptions = {}): ExampleRecord[] {
     this.checkOpen();
     const status = options.status ?? "pending";
@@ -628,10 +638,23 @@ export class Catalogue {
     if (!Number.isInteger(offset) || offset < 0) {
       throw new CatalogueInputError(`invalid offset ${offset}; expected a whole number >= 0`);
     }
-    if (order !== "priority" && order !== "received") {
-      throw new CatalogueInputError(`invalid order '${String(order)}'; expected priority or received`);
+    if (order !== "priority" && order !== "received" && order !== "typical") {
+      throw new CatalogueInputError(`invalid order '${String(order)}'; expected priority, received or typical`);
     }
     const where = status === "all" ? "" : "WHERE status = @status";
+    if (order === "typical") {
+      const pool = (this.db
+        .prepare(`SELECT ${EXAMPLE_COLUMNS} FROM examples ${where} ORDER BY priority DESC, received_at, sha256 LIMIT @limit`)
+        .all({ status, limit: TYPICAL_POOL }) as ExampleRow[]).map(toRecord);
+      const withEmbedding = pool.map((record) => ({ record, embedding: this.embedding(record.sha256) }));
+      const ranked = withEmbedding.filter((entry) => entry.embedding !== null);
+      const order = rankByTypicality(ranked.map((entry) => entry.embedding!), { count: offset + limit });
+      const chosen = order.map((index) => ranked[index]!.record);
+      const rest = withEmbedding.filter((entry) => entry.embedding === null).map((entry) => entry.record);
+      const picked = new Set(chosen.map((record) => record.sha256));
+      const remainder = ranked.map((entry) => entry.record).filter((record) => !picked.has(record.sha256));
+      return [...chosen, ...rest, ...remainder].slice(offset, offset + limit);
+    }
     const orderBy = order === "priority" ? "priority DESC, received_at, sha256" : "received_at DESC, sha256";
     const rows = this.db
       .prepare(`SELECT ${EXAMPLE_COLUMNS} FROM examples ${where} ORDER BY ${orderBy} LIMIT @limit OFFSET @offset`)

@@ -186,7 +186,7 @@ export const REVIEW_PAGE_SCRIPT = `"use strict";
 
   async function fillQueue() {
     var limit = Math.min(500, PAGE_SIZE + state.skipped.size);
-    var data = await api("GET", "/api/examples?status=pending&order=priority&limit=" + limit);
+    var data = await api("GET", "/api/examples?status=pending&order=typical&limit=" + limit);
     state.queue = data.examples.filter(function (example) { return !state.skipped.has(example.sha256); });
     if (state.queue.length === 0 && state.skipped.size > 0) {
       state.skipped.clear();

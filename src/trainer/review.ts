@@ -469,8 +469,8 @@ export class ReviewServer {
       throw new HttpError(400, `invalid status '${status}'; expected all, ${EXAMPLE_STATUSES.join(", ")}`);
     }
     const order = url.searchParams.get("order") || "priority";
-    if (order !== "priority" && order !== "received") {
-      throw new HttpError(400, `invalid order '${order}'; expected priority or received`);
+    if (order !== "priority" && order !== "received" && order !== "typical") {
+      throw new HttpError(400, `invalid order '${order}'; expected priority, received or typical`);
     }
     const limit = parseWholeNumber("limit", url.searchParams.get("limit"), DEFAULT_LIST_LIMIT, 1, MAX_LIST_LIMIT);
     const offset = parseWholeNumber("offset", url.searchParams.get("offset"), 0, 0, 999_999_999);

@@ -46,6 +46,27 @@ describe("Catalogue", () => {
     temp.remove();
   });
 
+  describe("typical order", () => {
+    it("gives one typical example per group before a second one of any group", () => {
+      const photos = [...readPhotos("glass"), ...readPhotos("metal"), ...readPhotos("paper")];
+      // Two groups of embeddings: eight near the first axis, four near the second; priority favours the small group.
+      photos.slice(0, 12).forEach((jpeg, index) => {
+        const big = index < 8;
+        const embedding = new Float32Array(4);
+        embedding[big ? 0 : 1] = 1;
+        embedding[2] = 0.05 * index;
+        catalogue.add(jpeg, makeMeta(`f-${index}`, { priority: big ? 1 : 5, embedding }));
+      });
+      catalogue.add(photos[12]!, makeMeta("no-embedding", { priority: 9 }));
+
+      const page = catalogue.list({ order: "typical", limit: 2 });
+      const groups = page.map((record) => Array.from(catalogue.embedding(record.sha256)!)[0]);
+
+      expect(groups.sort()).toEqual([0, 1]);
+      expect(catalogue.list({ order: "typical", limit: 20 })).toHaveLength(13);
+    });
+  });
+
   describe("add", () => {
     it("stores the image and the metadata", () => {
       const embedding = new Float32Array([0.25, -1.5, 3]);
