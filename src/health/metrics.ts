@@ -193,7 +193,7 @@ export class AgentMetrics {
     });
     this.auditWriteFailures = new Counter({
       name: "sortline_audit_write_failures_total",
-      help: "Audit records that could not be written.",
+      help: "Failed audit batch writes. Each failed retry of the records held in memory counts again.",
       registers,
     });
     this.stageLatency = new Histogram({
