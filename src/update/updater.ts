@@ -9,7 +9,7 @@ import { verifyPackage, type TrustedKey } from "../models/signing.js";
 import { RegressionMonitor, type ModelFigures, type RegressionVerdict } from "./guard.js";
 import type { BatchTap } from "./observe.js";
 import { ShadowRun, type ShadowReport } from "./shadow.js";
-import { packageId, type ModelStore } from "./store.js";
+import { ModelStoreError, packageId, type ModelStore } from "./store.js";
 
 export type UpdateState = "verifying" | "shadowing" | "active" | "rejected" | "rolled-back";
 
@@ -327,8 +327,11 @@ export class ModelUpdater {
   }
 
   private async rollbackLocked(reason: string, verdict?: RegressionVerdict): Promise<UpdateStatus> {
-    this.stopWatch();
     const { store } = this.options;
+    if ((await store.readPointer()) === null) {
+      throw new ModelStoreError("the bundled default model is running and no earlier model is stored; there is nothing to roll back to");
+    }
+    this.stopWatch();
     let dir: string;
     let id: string;
     try {

@@ -151,6 +151,20 @@ describe("agent on the fleet broker", () => {
     const identity = await h.client.request(SITE, DEVICE, "set-config", { "device.id": "other" }, { timeoutMs: 10_000 });
     expect(identity.error).toMatchObject({ code: "invalid-args", message: expect.stringContaining("cannot be changed by a fleet command") });
 
+    const statusArgs = await h.client.request(SITE, DEVICE, "status", { verbose: true }, { timeoutMs: 10_000 });
+    expect(statusArgs.error?.code).toBe("invalid-args");
+
+    const pauseArgs = await h.client.request(SITE, DEVICE, "pause", { seconds: 5 }, { timeoutMs: 10_000 });
+    expect(pauseArgs.error?.code).toBe("invalid-args");
+    expect(h.agent.pipeline!.paused).toBe(false);
+
+    const nothingToRollBack = await h.client.request(SITE, DEVICE, "rollback", {}, { timeoutMs: 10_000 });
+    expect(nothingToRollBack.error?.code).toBe("failed");
+    expect(h.agent.activeRunner!.manifest.version).toBe("1.0.0");
+
+    const emptyConfig = await h.client.request(SITE, DEVICE, "set-config", {}, { timeoutMs: 10_000 });
+    expect(emptyConfig.error?.code).toBe("invalid-args");
+
     const badValue = await h.client.request(SITE, DEVICE, "set-config", { "decisions.defaultMinConfidence": 7 }, { timeoutMs: 10_000 });
     expect(badValue.error?.code).toBe("invalid-args");
     expect(h.agent.agentConfig.decisions.defaultMinConfidence).toBe(0.5);
@@ -197,14 +211,24 @@ describe("agent on the fleet broker", () => {
   it("rejects a tampered model bundle and keeps deciding with the active model", async () => {
     const tampered = await signedCopy(h.dir, h.keys, "1.0.5", true);
     await sendModel(h, tampered, "1.0.5", true);
-    await waitUntil(() => h.updates.some((u) => u.state === "rejected"), "the rejection of the tampered model", 60_000);
+    await waitUntil(() => h.updates.some((u) => u.state === "rejected"), "the rejection of the tampered model", 180_000);
     expect(h.agent.activeRunner!.manifest.version).toBe("1.0.0");
-  });
+  }, 200_000);
+
+  it("rejects an unsigned model bundle", async () => {
+    const unsigned = await signedCopy(h.dir, h.keys, "1.0.6");
+    await rm(path.join(unsigned, "signature.json"));
+    const rejectedBefore = h.updates.filter((u) => u.state === "rejected").length;
+    await sendModel(h, unsigned, "1.0.6", true);
+    await waitUntil(() => h.updates.filter((u) => u.state === "rejected").length > rejectedBefore, "the rejection of the unsigned model", 180_000);
+    expect(h.updates.filter((u) => u.state === "rejected").at(-1)?.error).toBe("PackageUnsignedError");
+    expect(h.agent.activeRunner!.manifest.version).toBe("1.0.0");
+  }, 200_000);
 
   it("deploys a signed model after a shadow run, then rolls back on command", async () => {
     const good = await signedCopy(h.dir, h.keys, "1.0.1");
     await sendModel(h, good, "1.0.1", true);
-    await waitUntil(() => h.updates.some((u) => u.state === "active" && u.version === "1.0.1"), "activation of 1.0.1", 90_000);
+    await waitUntil(() => h.updates.some((u) => u.state === "active" && u.version === "1.0.1"), "activation of 1.0.1", 180_000);
     expect(h.agent.activeRunner!.manifest.version).toBe("1.0.1");
     const shadowed = h.updates.find((u) => u.state === "active" && u.version === "1.0.1")!;
     expect(shadowed.report?.frames).toBeGreaterThanOrEqual(8);
@@ -218,6 +242,6 @@ describe("agent on the fleet broker", () => {
 
     const again = await h.client.request(SITE, DEVICE, "deploy", { version: "1.0.1" }, { timeoutMs: 60_000 });
     expect(again.ok).toBe(true);
-    await waitUntil(() => h.agent.activeRunner!.manifest.version === "1.0.1", "redeploy of the received 1.0.1", 90_000);
-  }, 200_000);
+    await waitUntil(() => h.agent.activeRunner!.manifest.version === "1.0.1", "redeploy of the received 1.0.1", 180_000);
+  }, 400_000);
 });
