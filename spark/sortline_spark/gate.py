@@ -112,6 +112,8 @@ def run(baseline: Path, candidate: Path, validation: list[str], master: str | No
     from .session import create_session
 
     images = pd.DataFrame([{"path": i.path, "label": i.label} for source in validation for i in list_images(source)])
+    # Validation sets may overlap (a package's validation.csv already lists the fixed extra sets).
+    images = images.drop_duplicates("path").reset_index(drop=True) if not images.empty else images
     if images.empty:
         raise ValueError(f"no labelled images in {validation}")
     spark = create_session(master)
