@@ -29,7 +29,7 @@ the stream's held-out photos is printed before and after. The last line is JSON:
 
 Options:
   --datasets DIR   folder with trashnet/ and waste-stream/ (default: $SORTLINE_DATASETS or ../shared/datasets)
-  --labels N       examples the scripted reviewer labels, highest priority first (default: 300)
+  --labels N       examples the scripted reviewer labels, most typical first (default: 400)
   --fps N          frame rate of the replayed camera (default: 8)
   --work DIR       working folder, emptied first (default: .sortline-loop)
   -h, --help       print this help`;
@@ -126,7 +126,7 @@ export async function runDemoLoop(argv: string[]): Promise<number> {
     args: argv,
     options: {
       datasets: { type: "string" },
-      labels: { type: "string", default: "300" },
+      labels: { type: "string", default: "400" },
       fps: { type: "string", default: "8" },
       work: { type: "string", default: ".sortline-loop" },
       help: { type: "boolean", short: "h", default: false },
