@@ -201,7 +201,8 @@ export class MqttLink extends EventEmitter<LinkEvents> {
         });
       });
       client.on("close", () => {
-        if (this.online) {
+        // close() sets `closed` before it ends the client, so a deliberate disconnect is not reported as lost.
+        if (this.online && !this.closed) {
           this.online = false;
           this.logger.warn("lost the MQTT broker; reconnecting");
           this.emit("offline");
