@@ -118,6 +118,10 @@ class OutgoingTransfer {
       this.resolve = resolve;
       this.reject = reject;
     });
+    // close() can fail the transfer while send() still waits for the ack subscription, before any
+    // caller awaits the promise. This handler keeps that from becoming an unhandled rejection,
+    // and the caller of send() still receives the error.
+    this.result.catch(() => undefined);
   }
 
   start(): void {
