@@ -46,8 +46,8 @@ describe.skipIf(process.env.SORTLINE_FAULT_SUITE !== "1")("kill -9 during audit 
           const config = agentConfig({ dir: work.dir, sourceName: source, actuators: [{ type: "mqtt", url: broker.url, qos: 1 }], mining: { enabled: false } });
           agent = ServiceProcess.agent(await writeConfig(path.join(work.dir, `agent-${run}.yaml`), config));
           await agent.waitForLog("agent ready", 120_000);
-          const wanted = 1 + Math.floor(Math.random() * 8);
-          await waitFor(() => subscriber.idsWithPrefix(`${source}-`).length >= wanted, `${wanted} decisions over MQTT`, 60_000);
+          const decisionsBeforeKill = 1 + Math.floor(Math.random() * 8);
+          await waitFor(() => subscriber.idsWithPrefix(`${source}-`).length >= decisionsBeforeKill, `${decisionsBeforeKill} decisions over MQTT`, 60_000);
           await sleep(Math.floor(Math.random() * 400));
           await agent.kill("SIGKILL");
           // Lets the broker forward what the agent wrote to its socket before it died.

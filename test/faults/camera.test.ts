@@ -88,7 +88,7 @@ describe.skipIf(process.env.SORTLINE_FAULT_SUITE !== "1")("camera faults", () =>
         agent.agent.pipeline!.pause();
         await sleep(1_000);
 
-        const restarts = (why: string): number => metricValue(metrics, "sortline_camera_restarts_total", { source, reason: why });
+        const restarts = (restartReason: string): number => metricValue(metrics, "sortline_camera_restarts_total", { source, reason: restartReason });
         const received = metricValue(metrics, "sortline_frames_total", { source });
         const queueDrops = metricValue(metrics, "sortline_frames_dropped_total", { source, reason: "queue_full" });
         const otherDrops = metricValue(metrics, "sortline_frames_dropped_total", { source }) - queueDrops;
