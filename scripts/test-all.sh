@@ -10,5 +10,8 @@ bash scripts/python-env.sh
 
 status=0
 npx vitest run || status=$?
+# The fault-injection suite at a tenth of its durations and iteration counts fits CI time;
+# `npm run test:faults` runs it in full and regenerates docs/faults.md.
+SORTLINE_FAULT_SCALE="${SORTLINE_FAULT_SCALE:-0.1}" npx vitest run --config vitest.faults.config.ts || status=$?
 (cd spark && .venv/bin/python -m pytest -q tests) || status=$?
 exit "$status"

@@ -339,6 +339,11 @@ export class Agent {
         }
         this.countHealthy(entries.length);
       },
+      onInferenceFailed: (frames, model) => {
+        for (const observer of [...this.tap.observers]) {
+          observer.onBatch({ pixels: [], labels: [], inferenceMs: 0, errors: frames, model });
+        }
+      },
     };
   }
 

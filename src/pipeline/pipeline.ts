@@ -37,6 +37,12 @@ export interface PipelineObserver {
    * The pipeline logs a thrown error or a rejected promise and goes on.
    */
   onScored(entries: readonly ScoredFrame[]): void | Promise<void>;
+  /**
+   * Called for a batch whose inference failed, with the number of frames that were sent to the
+   * reject bin because of it. Frames that could not be decoded are not counted: a corrupt image
+   * is not the model's fault.
+   */
+  onInferenceFailed?(frames: number, model: { name: string; version: string; sha256: string }): void;
 }
 
 export interface PipelineOptions {
@@ -369,11 +375,21 @@ export class Pipeline {
     good: DecodedFrame[],
   ): void {
     const observer = this.options.observer;
-    if (!observer || probabilities.length === 0) {
+    if (!observer) {
       return;
     }
     const { name, version, file, labels } = model.runner.manifest;
     const modelInfo = { name, version, sha256: file.sha256 };
+    if (probabilities.length === 0) {
+      if (good.length > 0 && observer.onInferenceFailed) {
+        try {
+          observer.onInferenceFailed(good.length, modelInfo);
+        } catch (error) {
+          this.observerFailed(error, good.length);
+        }
+      }
+      return;
+    }
     const entries: ScoredFrame[] = [];
     batch.forEach((entry, index) => {
       const position = good.indexOf(entry);

@@ -188,7 +188,10 @@ export class RegressionMonitor implements BatchObserver {
     const frames = Math.max(batch.pixels.length, batch.labels.length, batch.errors ?? 0);
     this.frames += frames;
     this.errors += batch.errors ?? 0;
-    this.latencies.push(batch.inferenceMs);
+    // A batch whose inference failed has no pixels and no latency worth comparing.
+    if (batch.pixels.length > 0) {
+      this.latencies.push(batch.inferenceMs);
+    }
     if (this.tooManyErrors() || this.frames >= this.options.windowFrames) {
       this.finish();
     }

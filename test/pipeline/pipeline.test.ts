@@ -547,6 +547,26 @@ describe("Pipeline observer, model swap and pause", () => {
     expect(pipeline.stats.observerErrors).toBe(frames.length);
   });
 
+  it("reports batches whose inference failed, without the frames that failed to decode", async () => {
+    const failing = Object.assign(Object.create(Object.getPrototypeOf(runner) as object) as ModelRunner, runner, {
+      run: async () => {
+        throw new Error("device lost");
+      },
+    });
+    const failures: number[] = [];
+    const observer: PipelineObserver = { onScored: () => undefined, onInferenceFailed: (frames) => failures.push(frames) };
+    const pipeline = start({ runner: failing, maxBatch: 8, observer });
+
+    for (const [index, photo] of photos.slice(0, 3).entries()) {
+      pipeline.submit(makeFrame(`failed-inference-${index}`, photo.data, photo.label));
+    }
+    pipeline.submit(makeFrame("failed-inference-corrupt", randomBytes(256)));
+    await pipeline.stop();
+
+    expect(failures.reduce((sum, n) => sum + n, 0)).toBe(3);
+    expect(actuator.messages.every((message) => message.bin === policy.rejectBinName)).toBe(true);
+  });
+
   it("drops frames while paused", async () => {
     const pipeline = start({ maxBatch: 2 });
 
