@@ -272,7 +272,15 @@ export class CommandServer {
     if (!key) {
       return `unknown keyId "${request.keyId}"`;
     }
-    if (!verifyCommandRequest(request, this.site, this.device, request.sig, key)) {
+    let valid: boolean;
+    try {
+      valid = verifyCommandRequest(request, this.site, this.device, request.sig, key);
+    } catch (error) {
+      // canonicalJson throws on some args that JSON.parse accepts, such as 1e400 (parsed as
+      // Infinity) or nesting deeper than the call stack allows.
+      return `signature cannot be checked because args cannot be encoded as canonical JSON: ${describeError(error)}`;
+    }
+    if (!valid) {
       return `invalid signature for keyId "${request.keyId}"`;
     }
     return undefined;
@@ -303,7 +311,15 @@ export class CommandServer {
     }
 
     // Validate a copy, because ajv writes defaults into the object it checks.
-    const args = structuredClone(request.args);
+    let args: Record<string, unknown>;
+    try {
+      args = structuredClone(request.args);
+    } catch (error) {
+      // structuredClone throws RangeError on args nested deeper than the call stack allows.
+      const message = `args cannot be copied: ${describeError(error)}`;
+      this.logger.warn({ id, command, err: message }, "invalid command arguments");
+      return this.failure(id, "invalid-args", message);
+    }
     if (!registered.validate(args)) {
       const message = this.ajv.errorsText(registered.validate.errors, { dataVar: "args" });
       this.logger.warn({ id, command, err: message }, "invalid command arguments");
