@@ -36,14 +36,28 @@ export function keyEffect(key: string): KeyEffect | undefined {
   return undefined;
 }
 
-/** Sets dotted keys on a copy of a configuration document; `null` removes a key. */
+/**
+ * True when a dotted key has a `__proto__` segment. `node["__proto__"]` is Object.prototype, so
+ * setting `decisions.__proto__.x` would add `x` to every object in the process.
+ */
+function hasProtoSegment(key: string): boolean {
+  return key.split(".").includes("__proto__");
+}
+
+/**
+ * Sets dotted keys on a copy of a configuration document; `null` removes a key. Throws
+ * ConfigError for a key with a `__proto__` segment.
+ */
 export function applyOverrides(document: unknown, overrides: Overrides): Record<string, unknown> {
   const copy = structuredClone((document ?? {}) as Record<string, unknown>);
   for (const [key, value] of Object.entries(overrides)) {
+    if (hasProtoSegment(key)) {
+      throw new ConfigError(key, 'contains the segment "__proto__", which no configuration key has');
+    }
     const parts = key.split(".");
     let node: Record<string, unknown> = copy;
     for (const part of parts.slice(0, -1)) {
-      const next = node[part];
+      const next = Object.hasOwn(node, part) ? node[part] : undefined;
       if (typeof next !== "object" || next === null || Array.isArray(next)) {
         node[part] = {};
       }
@@ -117,7 +131,7 @@ export async function loadWithOverrides(file: string, base: AgentConfig, logger:
 export async function validateChange(file: string, current: Overrides, change: Overrides): Promise<{ config: AgentConfig; overrides: Overrides; effects: Record<string, KeyEffect> }> {
   const effects: Record<string, KeyEffect> = {};
   for (const key of Object.keys(change)) {
-    if (!/^[A-Za-z][A-Za-z0-9]*(\.[A-Za-z0-9_-]+)*$/.test(key)) {
+    if (!/^[A-Za-z][A-Za-z0-9]*(\.[A-Za-z0-9_-]+)*$/.test(key) || hasProtoSegment(key)) {
       throw new ConfigError(key, "is not a dotted configuration key such as decisions.defaultMinConfidence");
     }
     const effect = keyEffect(key);
