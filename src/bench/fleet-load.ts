@@ -321,7 +321,16 @@ async function startMosquitto(binary: string, dir: string, extraLines: readonly 
       throw new Error(`mosquitto did not listen on port ${port} within 10 s: ${stderr.trim()}`);
     }
   }
-  return { url: `mqtt://127.0.0.1:${port}`, pid: child.pid, logFile, stop: () => waitForExit(child, "SIGTERM", 10_000) };
+  // A simulator that exits on an error still stops its broker; the trainer child exits when its IPC channel closes.
+  const killOnExit = (): void => {
+    child.kill("SIGKILL");
+  };
+  process.once("exit", killOnExit);
+  const stop = async (): Promise<void> => {
+    await waitForExit(child, "SIGTERM", 10_000);
+    process.off("exit", killOnExit);
+  };
+  return { url: `mqtt://127.0.0.1:${port}`, pid: child.pid, logFile, stop };
 }
 
 interface MachineInfo {
