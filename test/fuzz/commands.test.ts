@@ -7,10 +7,12 @@
  * bodies, unsigned and expired requests, and replayed and reused ids. The rest are valid signed
  * requests with mutated arguments for every command.
  *
- * Checked: every request gets exactly one reply (by id, or with id "unknown" when no id can be
- * read), each reply has the expected error code, only valid signed requests change the pause
- * state, the model or the persisted settings, Object.prototype stays clean, the agent still
- * decides afterwards, and RSS stays bounded.
+ * Checked:
+ * - every request gets exactly one reply, by id, or with id "unknown" when no id can be read;
+ * - each reply has the expected error code;
+ * - only valid signed requests change the pause state, the model or the persisted settings;
+ * - Object.prototype stays clean;
+ * - the agent still decides afterwards, and RSS stays bounded.
  *
  * SORTLINE_FUZZ_SEED repeats a run and SORTLINE_FUZZ_SCALE multiplies the message count.
  */

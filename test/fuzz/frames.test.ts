@@ -7,9 +7,12 @@
  * garbage goes through MjpegSplitter in random chunks, and the same kind of pipeline decides the
  * frames it returns.
  *
- * Checked: nothing throws or hangs, every frame gets exactly one decision, a frame that
- * prepareImage cannot decode becomes an error decision in the reject bin and no other frame does,
- * the splitter accounts for every byte and keeps its buffer bounded, and RSS stays bounded.
+ * Checked:
+ * - nothing throws or hangs, and every frame gets exactly one decision;
+ * - a frame that prepareImage cannot decode becomes an error decision in the reject bin, and no
+ *   other frame does;
+ * - the splitter accounts for every byte and keeps its buffer bounded;
+ * - RSS stays bounded.
  *
  * SORTLINE_FUZZ_SEED repeats a run and SORTLINE_FUZZ_SCALE multiplies the input counts.
  */
