@@ -197,10 +197,12 @@ export class DeviceFleet {
     if (this.statusTimer) {
       clearInterval(this.statusTimer);
     }
-    await this.uplink?.stop();
+    // Closing the sender first ends in-flight uploads at once; their examples stay in the outbox.
+    const uplinkStopped = this.uplink?.stop();
+    await this.sender.close();
+    await uplinkStopped;
     await this.receiver.close();
     await this.commands.stop();
-    await this.sender.close?.();
     await this.link.close();
   }
 }

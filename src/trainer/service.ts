@@ -264,6 +264,7 @@ export class TrainerService {
         signingKey,
         logger: this.logger,
         checkIntervalMs: this.options.retrainCheckIntervalMs,
+        env,
       });
 
       this.review = new ReviewServer({ catalogue: this.catalogueInstance, host: config.review.host, port: config.review.port, token, logger: this.logger, routes: this.routes() });

@@ -73,6 +73,25 @@ export interface RetrainerOptions {
   /** How often the trigger is checked (default 60000 ms). */
   checkIntervalMs?: number;
   now?: () => number;
+  /** Environment of the train and gate jobs (default process.env); see jobEnvironment. */
+  env?: NodeJS.ProcessEnv;
+}
+
+/**
+ * The trainer's environment without the variables its configuration reads secrets from (the
+ * broker password, the review token, the signing key) and without systemd's credentials
+ * folder: the Spark jobs need none of them.
+ */
+export function jobEnvironment(config: TrainerConfig, env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  const copy = { ...env };
+  const refs = [config.broker.password, config.review.token, config.signing.privateKey];
+  for (const ref of refs) {
+    if (ref && typeof ref === "object" && "env" in ref && typeof ref.env === "string") {
+      delete copy[ref.env];
+    }
+  }
+  delete copy.CREDENTIALS_DIRECTORY;
+  return copy;
 }
 
 /** Result of `retrain`: the started run, or the run in progress when one was running already. */
@@ -504,7 +523,8 @@ export class Retrainer {
     this.logger.info({ job, program: argv[0], args: argv.slice(1), cwd: sparkDir }, "starting job");
 
     return new Promise<JobResult>((resolve, reject) => {
-      const child = spawn(argv[0]!, argv.slice(1), { cwd: sparkDir, stdio: ["ignore", "pipe", "pipe"] });
+      const env = jobEnvironment(this.config, this.options.env ?? process.env);
+      const child = spawn(argv[0]!, argv.slice(1), { cwd: sparkDir, stdio: ["ignore", "pipe", "pipe"], env });
       this.child = child;
       let stdout = "";
       let partial = "";
