@@ -3,6 +3,7 @@ import path from "node:path";
 
 import { CameraError, ConfigError } from "../lib/errors.js";
 import { silentLogger, type Logger } from "../lib/log.js";
+import { createRandom } from "../lib/random.js";
 import type { Frame, FrameHandler, FrameSource } from "./types.js";
 
 /** File extensions replayed by default, compared case-insensitively. */
@@ -211,7 +212,7 @@ export class DirectorySource implements FrameSource {
    * no image of a pass could be read.
    */
   private async replay(run: Run, images: ImageEntry[], onFrame: FrameHandler): Promise<CameraError | undefined> {
-    const random = this.options.shuffleSeed === undefined ? undefined : mulberry32(this.options.shuffleSeed);
+    const random = this.options.shuffleSeed === undefined ? undefined : createRandom(this.options.shuffleSeed);
     let dueAt = Date.now();
 
     do {
@@ -302,17 +303,6 @@ function compareCodePoints(a: string, b: string): number {
   return a > b ? 1 : 0;
 }
 
-/** Mulberry32: a small seeded generator of uniform numbers in [0, 1); not for cryptography. */
-function mulberry32(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Returns a Fisher-Yates shuffled copy. */
 function shuffled<T>(items: readonly T[], random: () => number): T[] {

@@ -1,3 +1,4 @@
+import { createRandom } from "../lib/random.js";
 import { l2Normalize } from "./knowledge.js";
 
 export interface CoverageOptions {
@@ -85,17 +86,6 @@ export interface TypicalityOptions {
   seed?: number;
 }
 
-function mulberry32(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 function dotRows(a: Float32Array, b: Float32Array): number {
   let sum = 0;
   for (let k = 0; k < a.length; k++) {
@@ -120,7 +110,7 @@ export function rankByTypicality(embeddings: readonly ArrayLike<number>[], optio
     return [];
   }
   const unit = embeddings.map((e) => l2Normalize(e));
-  const random = mulberry32(options.seed ?? 1);
+  const random = createRandom(options.seed ?? 1);
   const k = Math.min(options.neighbours ?? 20, n - 1);
 
   // Typicality: mean similarity to the k nearest neighbours.

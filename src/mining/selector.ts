@@ -4,6 +4,7 @@
  * recorded stream replays with the same choices, and randomness comes from a seeded PRNG.
  */
 import type { RejectReason } from "../decision/policy.js";
+import { createRandom } from "../lib/random.js";
 import { rankByTypicality } from "./ranking.js";
 import { dot, l2Normalize, noveltyOf, type Knowledge } from "./knowledge.js";
 
@@ -143,17 +144,7 @@ const DEFAULTS = {
 
 const DEFAULT_BUDGET: SelectorBudget = { perHour: 60 };
 
-/** Returns a PRNG (mulberry32) with values in [0, 1); the same seed gives the same sequence. */
-export function createRandom(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4_294_967_296;
-  };
-}
+export { createRandom };
 
 /** A token bucket on an external clock in milliseconds. It starts full at the first call. */
 export class TokenBucket {
