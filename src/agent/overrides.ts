@@ -1,9 +1,7 @@
 import { readFile } from "node:fs/promises";
 import path from "node:path";
 
-import { parse as parseYaml } from "yaml";
-
-import { parseAgentConfig } from "../config/load.js";
+import { parseAgentConfig, readConfigDocument } from "../config/load.js";
 import type { AgentConfig } from "../config/schema.js";
 import { ConfigError, describeError } from "../lib/errors.js";
 import type { Logger } from "../lib/log.js";
@@ -95,10 +93,6 @@ export async function writeOverrides(stateDir: string, overrides: Overrides): Pr
   await writeJsonAtomic(path.join(stateDir, OVERRIDES_FILE), overrides);
 }
 
-async function readDocument(file: string): Promise<unknown> {
-  return parseYaml(await readFile(file, "utf8"));
-}
-
 /**
  * Loads the configuration file plus the persisted overrides. Overrides that no longer validate (after a
  * software update changed the schema, say) are logged and left out, so the device still starts.
@@ -115,7 +109,7 @@ export async function loadWithOverrides(file: string, base: AgentConfig, logger:
     return { config: base, overrides };
   }
   try {
-    const config = parseAgentConfig(applyOverrides(await readDocument(file), overrides), file, path.dirname(path.resolve(file)));
+    const config = parseAgentConfig(applyOverrides(await readConfigDocument(file), overrides), file, path.dirname(path.resolve(file)));
     logger.info({ keys: Object.keys(overrides) }, "applied settings changed by fleet commands");
     return { config, overrides };
   } catch (error) {
@@ -141,6 +135,6 @@ export async function validateChange(file: string, current: Overrides, change: O
     effects[key] = effect;
   }
   const overrides = { ...current, ...change };
-  const config = parseAgentConfig(applyOverrides(await readDocument(file), overrides), file, path.dirname(path.resolve(file)));
+  const config = parseAgentConfig(applyOverrides(await readConfigDocument(file), overrides), file, path.dirname(path.resolve(file)));
   return { config, overrides, effects };
 }

@@ -8,7 +8,7 @@ import type { AgentConfig } from "../config/schema.js";
 import { readModelPackage } from "../models/manifest.js";
 import { ConfigError, describeError } from "../lib/errors.js";
 import { createLogger } from "../lib/log.js";
-import { UsageError } from "./common.js";
+import { stopOnSignal, UsageError } from "./common.js";
 
 export const agentUsage = `Usage: sortline agent --config FILE [--validate-config]
 
@@ -82,25 +82,7 @@ export async function runAgent(argv: string[]): Promise<number> {
     logger = createLogger({ level: config.logging.level, base: { device: config.device.id } });
   }
   const agent = new Agent({ config, logger, configFile: values.config, overrides: loaded.overrides });
-  const stopped = new Promise<number>((resolve) => {
-    let stopping = false;
-    const shutdown = (signal: string): void => {
-      if (stopping) {
-        return;
-      }
-      stopping = true;
-      logger.info({ signal }, "shutdown requested");
-      agent.stop().then(
-        () => resolve(0),
-        (error) => {
-          logger.error({ err: describeError(error) }, "shutdown failed");
-          resolve(1);
-        },
-      );
-    };
-    process.once("SIGTERM", () => shutdown("SIGTERM"));
-    process.once("SIGINT", () => shutdown("SIGINT"));
-  });
+  const stopped = stopOnSignal(() => agent.stop(), logger);
   try {
     await agent.start();
   } catch (error) {

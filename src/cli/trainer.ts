@@ -7,7 +7,7 @@ import { createLogger } from "../lib/log.js";
 import { readModelPackage } from "../models/manifest.js";
 import { loadSigningKey, loadTrainerConfig, resolveTlsFiles, type TrainerConfig } from "../trainer/config.js";
 import { TrainerService } from "../trainer/service.js";
-import { UsageError } from "./common.js";
+import { stopOnSignal, UsageError } from "./common.js";
 
 export const trainerUsage = `Usage: sortline trainer --config FILE [--validate-config | --retrain]
 
@@ -162,25 +162,7 @@ export async function runTrainer(argv: string[], ioOptions: TrainerIo = {}): Pro
 
   const logger = createLogger({ level: config.logging.level, base: { service: "trainer" } });
   const service = new TrainerService({ config, logger, env: io.env });
-  const stopped = new Promise<number>((resolve) => {
-    let stopping = false;
-    const shutdown = (signal: string): void => {
-      if (stopping) {
-        return;
-      }
-      stopping = true;
-      logger.info({ signal }, "shutdown requested");
-      service.stop().then(
-        () => resolve(0),
-        (error: unknown) => {
-          logger.error({ err: describeError(error) }, "shutdown failed");
-          resolve(1);
-        },
-      );
-    };
-    process.once("SIGTERM", () => shutdown("SIGTERM"));
-    process.once("SIGINT", () => shutdown("SIGINT"));
-  });
+  const stopped = stopOnSignal(() => service.stop(), logger);
   try {
     await service.start();
   } catch (error) {

@@ -119,21 +119,24 @@ export function parseAgentConfig(document: unknown, file: string, baseDir: strin
   return config;
 }
 
-/** Reads, parses (YAML or JSON) and validates an agent configuration file. */
-export async function loadAgentConfig(file: string): Promise<AgentConfig> {
+/** Reads and parses a configuration file (YAML or JSON); raises ConfigError when it cannot be read or parsed. */
+export async function readConfigDocument(file: string): Promise<unknown> {
   let text: string;
   try {
     text = await readFile(file, "utf8");
   } catch (error) {
     throw new ConfigError("", `cannot read configuration file ${file}: ${(error as NodeJS.ErrnoException).code ?? error}`);
   }
-  let document: unknown;
   try {
-    document = parseYaml(text, { prettyErrors: true });
+    return parseYaml(text, { prettyErrors: true });
   } catch (error) {
     throw new ConfigError("", `${file} is not valid YAML or JSON: ${(error as Error).message.split("\n")[0]}`);
   }
-  return parseAgentConfig(document, file, path.dirname(path.resolve(file)));
+}
+
+/** Reads, parses (YAML or JSON) and validates an agent configuration file. */
+export async function loadAgentConfig(file: string): Promise<AgentConfig> {
+  return parseAgentConfig(await readConfigDocument(file), file, path.dirname(path.resolve(file)));
 }
 
 /**

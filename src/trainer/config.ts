@@ -9,10 +9,9 @@ import { readFile } from "node:fs/promises";
 import path from "node:path";
 
 import { Ajv, type ErrorObject } from "ajv";
-import { parse as parseYaml } from "yaml";
 
 import { packageRoot } from "../cli/common.js";
-import { ConfigValidationError, resolveSecret } from "../config/load.js";
+import { ConfigValidationError, readConfigDocument, resolveSecret } from "../config/load.js";
 import type { SecretRef } from "../config/schema.js";
 import { ConfigError } from "../lib/errors.js";
 import { keyIdOf } from "../models/signing.js";
@@ -290,19 +289,7 @@ export function parseTrainerConfig(document: unknown, file: string, baseDir: str
 /** Reads, parses (YAML or JSON) and validates a trainer configuration file. */
 export async function loadTrainerConfig(file: string): Promise<TrainerConfig> {
   const absolute = path.resolve(file);
-  let text: string;
-  try {
-    text = await readFile(absolute, "utf8");
-  } catch (error) {
-    throw new ConfigError("", `cannot read configuration file ${file}: ${(error as NodeJS.ErrnoException).code ?? error}`);
-  }
-  let document: unknown;
-  try {
-    document = parseYaml(text, { prettyErrors: true });
-  } catch (error) {
-    throw new ConfigError("", `${file} is not valid YAML or JSON: ${(error as Error).message.split("\n")[0]}`);
-  }
-  return parseTrainerConfig(document, absolute, path.dirname(absolute));
+  return parseTrainerConfig(await readConfigDocument(absolute), absolute, path.dirname(absolute));
 }
 
 /** Returns the path of a systemd credential file, $CREDENTIALS_DIRECTORY/<name>. */
