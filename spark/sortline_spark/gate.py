@@ -2,9 +2,9 @@
 
 Both packages run end to end (decode, resize, crop, inference) inside Spark tasks on the same
 labelled images. The candidate passes when its accuracy is higher than the baseline's by more
-than ``min_gain`` and no class that both models know loses more than ``max_class_drop`` of
-recall. Classes only the candidate knows count as errors for the baseline, which is what the
-running model does with them on the line.
+than ``min_gain`` and no class that both models have loses more than ``max_class_drop`` of
+recall. Images of classes that only the candidate has count as errors for the baseline, because
+the running model cannot name them on the line.
 
 Run ``python -m sortline_spark.gate --help``; it prints the verdict as JSON on stdout and exits
 0 when the candidate passes, 3 when it fails the gate, 2 on bad input.

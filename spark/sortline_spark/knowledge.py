@@ -1,6 +1,6 @@
-"""What a model knows about its classes in embedding space, for novelty scores on the agent.
+"""Class centroids of a model in embedding space, for novelty scores on the agent.
 
-``knowledge.json`` holds, per class, the unit-length centroid of the L2-normalised training
+``knowledge.json`` contains, per class, the unit-length centroid of the L2-normalised training
 embeddings and quantiles of their cosine distance to it. The agent divides a frame's distance
 to the nearest centroid by that class's 95th percentile: above 1, the frame lies outside the
 usual spread of every class the model was trained on.

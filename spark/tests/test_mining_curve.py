@@ -5,7 +5,7 @@ from __future__ import annotations
 from sortline_spark.mining_curve import render_markdown
 
 
-def test_table_lists_every_budget_and_the_spread_of_repeated_runs() -> None:
+def test_table_rows_per_budget() -> None:
     results = {
         "baseline": {"stream": 0.3, "base": 0.92},
         "strategies": {

@@ -316,7 +316,7 @@ export class Agent {
     }
   }
 
-  /** One observer for the pipeline: hard-example mining, the updater's taps, the snapshot and the healthy mark. */
+  /** Returns the pipeline observer that feeds mining, the updater's taps, the snapshot and the healthy mark. */
   private observer(): PipelineObserver {
     return {
       onScored: (entries) => {

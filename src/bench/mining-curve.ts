@@ -81,8 +81,11 @@ async function scoreStream(runner: ModelRunner, stream: string, validationFracti
 }
 
 function leastConfident(frames: readonly StreamFrame[], n: number): StreamFrame[] {
-  const confidence = (frame: StreamFrame): number => Math.max(...Array.from(frame.probabilities));
-  return [...frames].sort((a, b) => confidence(a) - confidence(b)).slice(0, n);
+  const ranked = frames.map((frame) => ({ frame, confidence: Math.max(...Array.from(frame.probabilities)) }));
+  return ranked
+    .sort((a, b) => a.confidence - b.confidence)
+    .slice(0, n)
+    .map((entry) => entry.frame);
 }
 
 function runPython(args: string[], cwd: string): Promise<number> {

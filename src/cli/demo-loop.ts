@@ -136,9 +136,9 @@ export async function runDemoLoop(argv: string[]): Promise<number> {
     say(demoLoopUsage);
     return 0;
   }
-  const labelsWanted = Number.parseInt(values.labels, 10);
+  const labelBudget = Number.parseInt(values.labels, 10);
   const fps = Number(values.fps);
-  if (!(labelsWanted > 0) || !(fps > 0)) {
+  if (!(labelBudget > 0) || !(fps > 0)) {
     throw new UsageError("--labels and --fps must be positive numbers");
   }
   const datasets = path.resolve(values.datasets ?? process.env.SORTLINE_DATASETS ?? path.join(packageRoot, "..", "shared", "datasets"));
@@ -234,10 +234,10 @@ export async function runDemoLoop(argv: string[]): Promise<number> {
     say(`first pass: line accuracy ${(firstPass.correct / firstPass.decided).toFixed(3)} on ${firstPass.decided} frames; ${examples} hard examples at the trainer`);
 
     const bySha = new Map(replay.map((p) => [p.sha256, p.label]));
-    const pending = (await api(trainer.reviewPort!, "GET", `/api/examples?status=pending&order=typical&limit=${labelsWanted}`)) as { examples: { sha256: string }[] };
+    const pending = (await api(trainer.reviewPort!, "GET", `/api/examples?status=pending&order=typical&limit=${labelBudget}`)) as { examples: { sha256: string }[] };
     const known = new Set(trainer.catalogue.classes());
     let labelled = 0;
-    for (const example of pending.examples.slice(0, labelsWanted)) {
+    for (const example of pending.examples.slice(0, labelBudget)) {
       const label = bySha.get(example.sha256);
       if (!label) {
         await api(trainer.reviewPort!, "POST", `/api/examples/${example.sha256}/discard`, {});

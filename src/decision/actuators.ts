@@ -143,7 +143,7 @@ export interface FleetPublisher {
 
 /**
  * Publishes decisions on the device's decision topic over the fleet connection, so that a broker
- * that allows one connection per device certificate sees one client. While the connection is down
+ * that allows one connection per device certificate gets one client. While the connection is down
  * it holds at most `maxQueued` decisions and drops the rest, as MqttActuator does.
  */
 export class FleetActuator implements Actuator {

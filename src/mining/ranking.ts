@@ -18,9 +18,9 @@ export const DEFAULT_COVERAGE_RADIUS = 0.45;
  * example is the one whose neighbourhood (cosine distance below `radius`) contains the most examples
  * that no earlier pick covers yet.
  *
- * The first picks are the most typical examples of the largest groups and later picks move to
- * groups not covered yet, so any prefix of the ranking spreads a labelling budget over the groups
- * in proportion to how common they are, without spending it on outliers. Costs O(n^2) dot
+ * The first picks are the most typical examples of the largest groups. Later picks move to groups
+ * not covered yet, so any prefix of the ranking spreads a labelling budget over the groups in
+ * proportion to their size, without spending it on outliers. Costs O(n^2) dot
  * products, so callers cap the pool at a few thousand examples.
  */
 export function rankByCoverage(embeddings: readonly ArrayLike<number>[], options: CoverageOptions = {}): number[] {
@@ -30,6 +30,7 @@ export function rankByCoverage(embeddings: readonly ArrayLike<number>[], options
   if (n === 0 || limit === 0) {
     return [];
   }
+
   const unit = embeddings.map((e) => l2Normalize(e));
   const dim = unit[0]!.length;
   const neighbours: number[][] = Array.from({ length: n }, (_, i) => [i]);
@@ -47,6 +48,7 @@ export function rankByCoverage(embeddings: readonly ArrayLike<number>[], options
       }
     }
   }
+
   const gain = neighbours.map((list) => list.length);
   const covered = new Uint8Array(n);
   const picked = new Uint8Array(n);

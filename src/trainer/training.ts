@@ -78,9 +78,9 @@ export interface RetrainerOptions {
 }
 
 /**
- * The trainer's environment without the variables its configuration reads secrets from (the
- * broker password, the review token, the signing key) and without systemd's credentials
- * folder: the Spark jobs need none of them.
+ * Returns the trainer's environment without the variables its configuration reads secrets from
+ * (broker password, review token, signing key) and without systemd's credentials folder. The
+ * Spark jobs need none of them.
  */
 export function jobEnvironment(config: TrainerConfig, env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
   const copy = { ...env };
